@@ -1,0 +1,39 @@
+# Set-up and everyday commands. `make test` and `make demo` each set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned for the dev set-up only (a local CPU wheel); the package itself asks torch>=2.3
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install test test-all demo bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev,hf,analysis]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+demo: install
+	$(BIN)/crosscoders bench synthetic
+
+bench: install
+	$(BIN)/python benchmarks/train_step.py
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+format: install
+	$(BIN)/ruff format src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from crosscoders.cli import main
+
+sys.exit(main())

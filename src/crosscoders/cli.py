@@ -1,0 +1,145 @@
+"""Command line: a thin layer over the library functions.
+
+    crosscoders train --data FILE_OR_DIR --out RUN_DIR [options]
+    crosscoders bench synthetic [options]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from crosscoders.errors import CrosscodersError, TrainingDiverged
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a crosscoder on activations",
+                       description="Train a crosscoder. Re-running the same command resumes.")
+    p.add_argument("--data", required=True,
+                   help="a .safetensors/.pt/.npy file holding a float tensor [N, S, D], or an "
+                        "activation-store directory")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, model)")
+    p.add_argument("--config", help="YAML/JSON file with 'crosscoder' and 'train' sections; "
+                                    "flags below override it")
+    p.add_argument("--activation", choices=["relu", "topk", "batchtopk", "jumprelu"])
+    p.add_argument("--dict-size", type=int)
+    p.add_argument("--expansion", type=int, help="dict size as a multiple of d_model")
+    p.add_argument("--k", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--l1-coeff", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--source-names", nargs="+", help="e.g. base chat")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    import yaml
+
+    from crosscoders import CrosscoderConfig, TrainConfig, train
+    from crosscoders.data import as_source
+
+    sections = {"crosscoder": {}, "train": {}}
+    if args.config:
+        with open(args.config) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        unknown = set(loaded) - set(sections)
+        if unknown:
+            raise CrosscodersError(
+                f"{args.config}: unknown section {sorted(unknown)[0]!r}; use 'crosscoder' "
+                "and 'train'"
+            )
+        for key in sections:
+            sections[key].update(loaded.get(key) or {})
+    train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                   "l1_coeff": args.l1_coeff, "seed": args.seed, "device": args.device,
+                   "checkpoint_every": args.checkpoint_every}
+    sections["train"].update({k: v for k, v in train_flags.items() if v is not None})
+    if args.no_progress:
+        sections["train"]["progress"] = False
+    tc = TrainConfig.from_dict(sections["train"])
+    source = as_source(args.data, tc.eval_tokens, tc.batch_size)
+    cc_dict = {"n_sources": source.n_sources, "d_model": source.d_model,
+               **sections["crosscoder"]}
+    if args.expansion:
+        cc_dict["dict_size"] = args.expansion * source.d_model
+    flags = {"dict_size": args.dict_size, "activation": args.activation, "k": args.k,
+             "source_names": args.source_names}
+    cc_dict.update({k: v for k, v in flags.items() if v is not None})
+    cc_dict.setdefault("dict_size", 16 * source.d_model)
+    model = train(CrosscoderConfig.from_dict(cc_dict), source, tc, run_dir=args.out)
+    print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="ground-truth benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    s = bench.add_parser("synthetic", help="planted-feature recovery and diffing labels")
+    s.add_argument("--activations", nargs="+", default=["relu", "batchtopk"])
+    s.add_argument("--steps", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", help="also write the results as JSON to this file")
+    s.set_defaults(func=_run_bench_synthetic)
+
+
+def _run_bench_synthetic(args) -> int:
+    import json
+
+    from crosscoders.synthetic import (
+        PlantedConfig,
+        format_benchmark_table,
+        run_planted_benchmark,
+    )
+
+    kwargs = {"activations": tuple(args.activations)}
+    if args.steps:
+        kwargs["steps"] = args.steps
+    result = run_planted_benchmark(PlantedConfig(seed=args.seed), **kwargs)
+    print(format_benchmark_table(result))
+    if args.json:
+        from crosscoders.io import atomic_write_text
+
+        data = result if isinstance(result, dict) else getattr(result, "to_dict", lambda: {})()
+        atomic_write_text(args.json, json.dumps(data, indent=2, default=str) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crosscoders", description="Train crosscoders and use them to diff models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_bench(sub)
+    try:
+        from crosscoders.harvest.cli import add_harvest_arguments, harvest_from_args
+    except ImportError:
+        pass
+    else:
+        h = sub.add_parser("harvest", help="harvest activations from models into a store")
+        add_harvest_arguments(h)
+        h.set_defaults(func=harvest_from_args)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CrosscodersError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Dataclass configs that validate on construction and round-trip to JSON and YAML.
+
+Every config in the project subclasses :class:`Config`. ``from_dict`` rejects unknown keys
+and wrong types with the key's path and the expected type, so a typo in a YAML file fails
+before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from crosscoders.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists/tuples and nested configs."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        names = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{path}: expected {names}, got {value!r}")
+    if origin is typing.Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_type = args[0] if args else Any
+            items = [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Config):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return tp.from_dict(value, _path=path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """Base class: validation hook, dict/JSON/YAML round trip, strict loading."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            setattr(self, field.name, _coerce(value, hints[field.name], field.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field and the fix; subclasses override."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Config):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], _path: str = "") -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{_path or cls.__name__}: expected a mapping, got {data!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            where = f"{_path}." if _path else ""
+            raise ConfigError(
+                f"unknown key {where}{unknown[0]} in {cls.__name__}; "
+                f"valid keys: {', '.join(sorted(names))}"
+            )
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{_path}.{err}" if _path else str(err)) from None
+        except TypeError as err:  # missing required fields
+            raise ConfigError(f"{cls.__name__}: {err}") from None
+
+    def replace(self: C, **changes: Any) -> C:
+        """A validated copy with some fields changed (configs are never mutated in place)."""
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = (
+            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            if path.suffix in (".yaml", ".yml")
+            else json.dumps(self.to_dict(), indent=2) + "\n"
+        )
+        from crosscoders.io import atomic_write_text
+
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls: type[C], path: str | Path) -> C:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        return cls.from_dict(data or {})

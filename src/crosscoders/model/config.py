@@ -1,0 +1,74 @@
+"""The crosscoder's architecture config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from crosscoders.configs import Config
+from crosscoders.errors import ConfigError
+
+ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class CrosscoderConfig(Config):
+    """Architecture of a crosscoder over ``n_sources`` activation sites of width ``d_model``.
+
+    ``dec_norm`` picks the decoder-norm weight used by the sparsity penalty and the TopK
+    ranking: ``"sum"`` is ``sum_s ||W_dec[i, s]||`` (Anthropic's choice, which lets
+    source-exclusive latents exist); ``"concat"`` is the norm of the concatenated decoder.
+    """
+
+    n_sources: int
+    d_model: int
+    dict_size: int
+    activation: str = "batchtopk"
+    k: int | None = 32
+    dec_norm: Literal["sum", "concat"] = "sum"
+    #: norm of each (latent, source) decoder vector at init; the encoder starts as its
+    #: transpose. Results are sensitive to it (Kissane/Nanda); None picks per activation.
+    dec_init_norm: float | None = None
+    source_names: list[str] | None = None
+    threshold_beta: float = 0.999
+    jumprelu_init_threshold: float = 0.1
+    jumprelu_bandwidth: float = 2.0
+    jumprelu_tanh_scale: float = 4.0
+    jumprelu_preact_coeff: float = 3e-6
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("n_sources", "d_model", "dict_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None or not 1 <= self.k <= self.dict_size:
+                raise ConfigError(
+                    f"k must be between 1 and dict_size={self.dict_size} for "
+                    f"activation={self.activation!r}, got k={self.k}"
+                )
+        if self.dec_init_norm is not None and self.dec_init_norm <= 0:
+            raise ConfigError(f"dec_init_norm must be > 0, got {self.dec_init_norm}")
+        if self.source_names is not None and len(self.source_names) != self.n_sources:
+            raise ConfigError(
+                f"source_names has {len(self.source_names)} names but n_sources="
+                f"{self.n_sources}; give one name per source"
+            )
+        if not 0 < self.threshold_beta < 1:
+            raise ConfigError(f"threshold_beta must be in (0, 1), got {self.threshold_beta}")
+
+    @property
+    def names(self) -> list[str]:
+        """Source names (``source_names`` or ``source_0``, ``source_1``, ...)."""
+        return self.source_names or [f"source_{s}" for s in range(self.n_sources)]
+
+    @property
+    def init_norm(self) -> float:
+        if self.dec_init_norm is not None:
+            return self.dec_init_norm
+        # TopK-style coders are insensitive to scale; L1 coders need small decoders at init
+        return 1.0 / self.n_sources**0.5 if self.activation in ("topk", "batchtopk") else 0.1

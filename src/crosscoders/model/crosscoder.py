@@ -1,0 +1,201 @@
+"""The crosscoder: one sparse dictionary that reads and writes several activation sources.
+
+    pre_BF  = sum_s x_BSD[:, s] @ W_enc_SDF[s] + b_enc_F
+    f_BF    = act(pre_BF)                        # ReLU, TopK, BatchTopK, JumpReLU
+    xhat_BSD[:, s] = f_BF @ W_dec_FSD[:, s] + b_dec_SD[s]
+
+Each latent i has one decoder vector per source, ``W_dec[i, s]``; how their norms compare
+across sources is what model diffing reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from crosscoders.errors import CrosscodersError, DataError
+from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.model.activations import make_activation
+from crosscoders.model.config import CrosscoderConfig
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class Crosscoder(nn.Module):
+    """Crosscoder with ``W_enc`` [S, D, F], ``b_enc`` [F], ``W_dec`` [F, S, D], ``b_dec`` [S, D].
+
+    ``W_enc`` is stored latent-major in memory (its strides are those of an [F, S, D]
+    tensor) so that the sparse training kernels can write its gradient one latent row at a
+    time; its shape and indexing are the usual [S, D, F].
+
+    Normalisation: a trainer works in units where each source has mean squared norm D.
+    :meth:`fold_normalisation` moves those per-source scales into the weights so the model
+    works on raw activations; ``folded_scale_S`` records them, so decoder norms keep being
+    measured in the normalised units the sparsity penalty saw, and folding twice is refused.
+    """
+
+    def __init__(self, config: CrosscoderConfig):
+        super().__init__()
+        self.config = config
+        F_, S, D = config.dict_size, config.n_sources, config.d_model
+        gen = torch.Generator().manual_seed(config.seed)
+        W_dec_FSD = torch.randn(F_, S, D, generator=gen)
+        W_dec_FSD *= config.init_norm / W_dec_FSD.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FSD)
+        self.W_enc = nn.Parameter(W_dec_FSD.clone().permute(1, 2, 0))  # encoder = decoder^T
+        self.b_enc = nn.Parameter(torch.zeros(F_))
+        self.b_dec = nn.Parameter(torch.zeros(S, D))
+        self.activation = make_activation(config)
+        self.register_buffer("folded_scale_S", torch.ones(S))
+        #: free-form provenance saved in config.json (models, sites, data): set by pipelines
+        self.metadata: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- the equations
+    @property
+    def n_sources(self) -> int:
+        return self.config.n_sources
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    @property
+    def dict_size(self) -> int:
+        return self.config.dict_size
+
+    def decoder_norms(self) -> Tensor:
+        """[F, S] norm of each latent's decoder vector per source, in normalised units."""
+        return self.W_dec.norm(dim=-1) * self.folded_scale_S
+
+    def decoder_norm_weights(self) -> Tensor:
+        """[F] weight ``w_i`` of each latent in the sparsity penalty and TopK ranking."""
+        norms_FS = self.decoder_norms()
+        if self.config.dec_norm == "concat":
+            return norms_FS.pow(2).sum(-1).sqrt()
+        return norms_FS.sum(-1)
+
+    def preactivations(self, x_BSD: Tensor) -> Tensor:
+        x_BX = self._check_input(x_BSD).flatten(-2)
+        S, D, F_ = self.W_enc.shape
+        return torch.addmm(self.b_enc, x_BX, self.W_enc.reshape(S * D, F_))
+
+    def encode(self, x_BSD: Tensor) -> Tensor:
+        """[..., S, D] activations -> [..., F] latent activations."""
+        lead = x_BSD.shape[:-2]
+        pre_BF = self.preactivations(x_BSD.reshape(-1, *x_BSD.shape[-2:]))
+        f_BF = self.activation(pre_BF, self.decoder_norm_weights())
+        return f_BF.reshape(*lead, self.dict_size)
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        """[..., F] latent activations -> [..., S, D] reconstruction."""
+        if f_BF.shape[-1] != self.dict_size:
+            raise DataError(
+                f"decode expects [..., F={self.dict_size}] latent activations, got shape "
+                f"{tuple(f_BF.shape)}"
+            )
+        F_, S, D = self.W_dec.shape
+        xhat = f_BF.reshape(-1, F_) @ self.W_dec.reshape(F_, S * D)
+        return xhat.reshape(*f_BF.shape[:-1], S, D) + self.b_dec
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        return self.decode(self.encode(x_BSD))
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        S, D = self.n_sources, self.d_model
+        if not isinstance(x, Tensor):
+            raise DataError(f"expected a torch.Tensor of shape [B, {S}, {D}], got {type(x)}")
+        if x.ndim != 3 or tuple(x.shape[1:]) != (S, D):
+            raise DataError(
+                f"expected activations of shape [B, S={S}, D={D}], got {tuple(x.shape)}; "
+                "stack sources on dim 1 (x[:, s] is source s)"
+            )
+        if not x.is_floating_point():
+            raise DataError(f"activations must be floating point, got {x.dtype}")
+        return x.to(self.W_enc.dtype)
+
+    # ----------------------------------------------------------------- normalisation
+    @property
+    def is_folded(self) -> bool:
+        return not bool(torch.all(self.folded_scale_S == 1))
+
+    @torch.no_grad()
+    def fold_normalisation(self, scale_S: Tensor) -> None:
+        """Fold input scales in: a model trained on ``x * scale`` then works on raw ``x``."""
+        if self.is_folded:
+            raise CrosscodersError(
+                "normalisation is already folded into this crosscoder; call "
+                "unfold_normalisation() first"
+            )
+        scale_S = torch.as_tensor(scale_S, dtype=self.W_enc.dtype, device=self.W_enc.device)
+        self.W_enc.mul_(scale_S[:, None, None])
+        self.W_dec.div_(scale_S[None, :, None])
+        self.b_dec.div_(scale_S[:, None])
+        self.folded_scale_S.copy_(scale_S)
+
+    @torch.no_grad()
+    def unfold_normalisation(self) -> Tensor:
+        """Undo :meth:`fold_normalisation`; returns the scales that were folded in."""
+        scale_S = self.folded_scale_S.clone()
+        self.W_enc.div_(scale_S[:, None, None])
+        self.W_dec.mul_(scale_S[None, :, None])
+        self.b_dec.mul_(scale_S[:, None])
+        self.folded_scale_S.fill_(1.0)
+        return scale_S
+
+    # ----------------------------------------------------------------- save / load
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (each atomically) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        meta = {
+            "format": "crosscoders",
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "normalisation": {
+                "folded": self.is_folded,
+                "scale": self.folded_scale_S.tolist(),
+            },
+            "metadata": self.metadata,
+        }
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> Crosscoder:
+        """Load a directory written by :meth:`save` (in eval mode, ready for inference)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not directory.is_dir():
+            raise CrosscodersError(f"no crosscoder directory at {directory}")
+        if not config_path.exists() or not weights_path.exists():
+            raise CrosscodersError(
+                f"{directory} is not a crosscoder directory: it needs {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} (other published formats: see crosscoders.formats)"
+            )
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != "crosscoders":
+            raise CrosscodersError(
+                f"{config_path} was not written by crosscoders (no 'format': 'crosscoders'); "
+                "to import another format use crosscoders.formats"
+            )
+        model = cls(CrosscoderConfig.from_dict(meta["config"]))
+        state = load_file(str(weights_path))
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise CrosscodersError(
+                f"{weights_path} does not match {config_path}: expected tensors {expected}, "
+                f"found {got}"
+            )
+        model.load_state_dict(state)
+        model.metadata = meta.get("metadata", {})
+        return model.to(device).eval()

@@ -1,0 +1,243 @@
+"""Sparse codes and the fast TopK/BatchTopK training kernels.
+
+With TopK-style activations only ``E = B * k`` of the ``B * F`` latent activations are
+non-zero, so everything after the encoder GEMM is done on the active set:
+
+* selection: exact top entries found by block maxima (a pass over ``B * F / 32`` values)
+  instead of a sort of all ``B * F`` scores;
+* decode: ``xhat[b] = sum_e f_e W_dec[i_e]`` with ``embedding_bag`` (cost ``E * S * D``);
+* backward: ``df_e = <g_b, W_dec[i_e]>`` by a sampled dense-dense product, and the weight
+  gradients of both encoder and decoder as ``embedding_bag`` sums grouped by latent, so
+  no dense ``[B, F]`` gradient is ever formed.
+
+The dense path in :mod:`crosscoders.model.crosscoder` is the reference; tests check both
+give the same loss, outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BLOCK = 32  # latents per block for the block-maximum pre-selection
+
+
+@dataclass
+class SparseCodes:
+    """Active latent activations of a batch, sorted by (token, latent).
+
+    ``values_E`` may carry autograd history; the index tensors never do.
+    """
+
+    token_idx_E: Tensor
+    latent_idx_E: Tensor
+    values_E: Tensor
+    n_tokens: int
+    n_latents: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def with_values(self, values_E: Tensor) -> SparseCodes:
+        return SparseCodes(
+            self.token_idx_E, self.latent_idx_E, values_E, self.n_tokens, self.n_latents,
+            self._cache,
+        )
+
+    def to_dense(self) -> Tensor:
+        """[B, F] dense activations (differentiable in ``values_E``)."""
+        f_BF = self.values_E.new_zeros(self.n_tokens * self.n_latents)
+        flat = self.token_idx_E * self.n_latents + self.latent_idx_E
+        return f_BF.index_put((flat,), self.values_E).view(self.n_tokens, self.n_latents)
+
+    @cached_property
+    def token_offsets_B(self) -> Tensor:
+        """Start of each token's entries (bags for ``embedding_bag``)."""
+        counts = torch.bincount(self.token_idx_E, minlength=self.n_tokens)
+        return torch.cumsum(counts, 0) - counts
+
+    @cached_property
+    def token_crow(self) -> Tensor:
+        """CSR row pointer [B + 1] over tokens."""
+        counts = torch.bincount(self.token_idx_E, minlength=self.n_tokens)
+        return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+    @cached_property
+    def latent_order_E(self) -> Tensor:
+        """Permutation that groups entries by latent."""
+        return torch.argsort(self.latent_idx_E, stable=True)
+
+    @cached_property
+    def latent_offsets_F(self) -> Tensor:
+        counts = torch.bincount(self.latent_idx_E, minlength=self.n_latents)
+        return torch.cumsum(counts, 0) - counts
+
+    @cached_property
+    def tokens_by_latent_E(self) -> Tensor:
+        return self.token_idx_E[self.latent_order_E]
+
+
+# ---------------------------------------------------------------------------------------
+# selection
+
+
+def topk_per_token(scores_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Indices of the k largest positive scores of each row, sorted by (token, latent)."""
+    B, F_ = scores_BF.shape
+    k = min(k, F_)
+    vals_BK, idx_BK = torch.topk(scores_BF, k, dim=1, sorted=False)
+    keep = vals_BK > 0
+    idx_BK = torch.where(keep, idx_BK, F_)  # push dropped entries to the end of the sort
+    idx_BK = idx_BK.sort(dim=1).values
+    token_BK = torch.arange(B, device=scores_BF.device).unsqueeze(1).expand(B, k)
+    keep = idx_BK < F_
+    return token_BK[keep], idx_BK[keep]
+
+
+def batch_topk(scores_BF: Tensor, n_keep: int, hint: float | None = None) -> tuple[Tensor, Tensor]:
+    """Exact positions of the ``n_keep`` largest positive entries of a [B, F] matrix.
+
+    Returns (token_idx, latent_idx) sorted by flat position. With fewer than ``n_keep``
+    positive entries, all positive entries are returned. ``hint`` (e.g. the previous
+    step's cut-off) only changes the speed, never the result.
+
+    Exactness of the block pre-selection: if ``m`` is the ``n_keep``-th largest block
+    maximum, every one of the top ``n_keep`` entries lies in a block whose maximum is at
+    least ``m`` (otherwise ``n_keep`` blocks would each hold an entry above it).
+    """
+    B, F_ = scores_BF.shape
+    flat = scores_BF.reshape(-1)
+    n = flat.numel()
+    if n_keep >= n or F_ % BLOCK != 0:
+        return _plain_batch_topk(flat, n_keep, F_)
+    blocks = flat.view(-1, BLOCK)
+    block_max = blocks.amax(dim=1)
+    cut = None
+    if hint is not None and hint > 0:
+        cut = torch.tensor(hint, dtype=flat.dtype, device=flat.device)
+        n_blocks = int((block_max >= cut).sum())
+        if n_blocks < n_keep // BLOCK + 1:
+            cut = None
+    if cut is None:
+        n_top_blocks = min(n_keep, block_max.numel())
+        cut = torch.topk(block_max, n_top_blocks, sorted=False).values.min()
+    cut = torch.clamp_min(cut, torch.finfo(flat.dtype).tiny)  # positive entries only
+    block_ids = torch.nonzero(block_max >= cut).squeeze(1)
+    cand_vals = blocks.index_select(0, block_ids)
+    mask = cand_vals >= cut
+    cand_flat = (block_ids.unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=flat.device))
+    cand_flat = cand_flat.masked_select(mask)
+    cand_vals = cand_vals.masked_select(mask)
+    if cand_vals.numel() < n_keep:
+        if hint is not None:  # the hint was too high: redo without it (still exact)
+            return batch_topk(scores_BF, n_keep, None)
+        # fewer candidates than n_keep can only mean fewer positive entries than n_keep
+        positive = torch.nonzero(flat > 0).squeeze(1)
+        return positive // F_, positive % F_
+    if cand_vals.numel() > n_keep:
+        keep = torch.topk(cand_vals, n_keep, sorted=False).indices
+        cand_flat = cand_flat[keep].sort().values
+    return cand_flat // F_, cand_flat % F_
+
+
+def _plain_batch_topk(flat: Tensor, n_keep: int, F_: int) -> tuple[Tensor, Tensor]:
+    n_keep = min(n_keep, flat.numel())
+    vals, idx = torch.topk(flat, n_keep, sorted=False)
+    idx = idx[vals > 0].sort().values
+    return idx // F_, idx % F_
+
+
+# ---------------------------------------------------------------------------------------
+# autograd kernels
+
+
+class _GatherPreacts(torch.autograd.Function):
+    """pre_E = (x @ W_enc + b_enc)[token_e, latent_e], with a sparse backward.
+
+    The forward value is computed by the caller (from its GEMM) and passed in detached.
+    """
+
+    @staticmethod
+    def forward(ctx, pre_E, x_BX, W_enc_SDF, b_enc_F, codes):  # noqa: D102
+        ctx.codes = codes
+        ctx.save_for_backward(x_BX, W_enc_SDF)
+        return pre_E.clone()
+
+    @staticmethod
+    def backward(ctx, grad_E):  # noqa: D102
+        codes: SparseCodes = ctx.codes
+        x_BX, W_enc_SDF = ctx.saved_tensors
+        S, D, F_ = W_enc_SDF.shape
+        grad_W = grad_b = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_FX = F.embedding_bag(
+                codes.tokens_by_latent_E, x_BX, codes.latent_offsets_F, mode="sum",
+                per_sample_weights=grad_E[codes.latent_order_E],
+            )
+            grad_W = grad_FX.view(F_, S, D).permute(1, 2, 0)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_E.new_zeros(F_).index_add_(0, codes.latent_idx_E, grad_E)
+        if ctx.needs_input_grad[1]:
+            dense = codes.with_values(grad_E).to_dense()
+            grad_x = dense @ W_enc_SDF.reshape(S * D, F_).T
+        return None, grad_x, grad_W, grad_b, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """out[b] = sum_{e in token b} values_e * W_dec[latent_e] (no bias)."""
+
+    @staticmethod
+    def forward(ctx, values_E, W_dec_FSD, codes):  # noqa: D102
+        ctx.codes = codes
+        ctx.save_for_backward(values_E, W_dec_FSD)
+        F_, S, D = W_dec_FSD.shape
+        out = F.embedding_bag(
+            codes.latent_idx_E, W_dec_FSD.reshape(F_, S * D), codes.token_offsets_B,
+            mode="sum", per_sample_weights=values_E,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_BX):  # noqa: D102
+        codes: SparseCodes = ctx.codes
+        values_E, W_dec_FSD = ctx.saved_tensors
+        F_, S, D = W_dec_FSD.shape
+        grad_BX = grad_BX.contiguous()
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_values = sampled_dot(grad_BX, W_dec_FSD.reshape(F_, S * D), codes)
+        if ctx.needs_input_grad[1]:
+            grad_W = F.embedding_bag(
+                codes.tokens_by_latent_E, grad_BX, codes.latent_offsets_F, mode="sum",
+                per_sample_weights=values_E[codes.latent_order_E],
+            ).view(F_, S, D)
+        return grad_values, grad_W, None
+
+
+def sampled_dot(a_BX: Tensor, b_FX: Tensor, codes: SparseCodes) -> Tensor:
+    """out_e = <a[token_e], b[latent_e]> for every active entry (SDDMM)."""
+    if codes.token_idx_E.numel() == 0:
+        return a_BX.new_zeros(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(
+            codes.token_crow, codes.latent_idx_E, a_BX.new_zeros(codes.latent_idx_E.numel()),
+            size=(codes.n_tokens, codes.n_latents), check_invariants=False,
+        )
+        out = torch.sparse.sampled_addmm(pattern, a_BX, b_FX.T, beta=0.0)
+    return out.values()
+
+
+def gather_preacts(
+    pre_E: Tensor, x_BX: Tensor, W_enc_SDF: Tensor, b_enc_F: Tensor, codes: SparseCodes
+) -> Tensor:
+    """Differentiable view of the selected pre-activations (see :class:`_GatherPreacts`)."""
+    return _GatherPreacts.apply(pre_E.detach(), x_BX, W_enc_SDF, b_enc_F, codes)
+
+
+def sparse_decode(codes: SparseCodes, W_dec_FSD: Tensor) -> Tensor:
+    """[B, S*D] decoder output of sparse codes, without the decoder bias."""
+    return _SparseDecode.apply(codes.values_E, W_dec_FSD, codes)

@@ -1,0 +1,173 @@
+"""The training loss of one batch, computed densely (the reference) or sparsely (fast).
+
+    loss = mean_B sum_S ||x - xhat||^2                   (squared error, as in the paper)
+         + sparsity_coeff * activation.sparsity_loss      (L1 / tanh; 0 for TopK-style)
+         + auxk_coeff * AuxK                              (TopK-style, when latents are dead)
+
+AuxK (OpenAI's TopK recipe): the ``auxk_k`` dead latents with the largest weighted
+pre-activations reconstruct the residual ``e = x - xhat``; the loss is the normalised
+MSE ``sum ||e - ehat||^2 / sum ||e - mean(e)||^2``, which revives dead latents.
+Both paths take ``x`` already normalised, and return the same :class:`LossTerms`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crosscoders.model import Crosscoder
+from crosscoders.model.activations import BatchTopK, TopK
+from crosscoders.model.sparse import (
+    SparseCodes,
+    gather_preacts,
+    sparse_decode,
+    topk_per_token,
+)
+
+
+@dataclass
+class StepKnobs:
+    """Per-step settings that schedules change over training."""
+
+    sparsity_coeff: float = 0.0
+    k: int | None = None
+    auxk_coeff: float = 0.0
+    auxk_k: int = 0
+    dead_F: Tensor | None = None  # bool mask of dead latents
+    threshold_hint: float | None = None
+
+
+@dataclass
+class LossTerms:
+    total: Tensor
+    recon: Tensor
+    sparsity: Tensor
+    auxk: Tensor
+    xhat_BSD: Tensor  # detached
+    fired_F: Tensor  # bool: latent active on some token of the batch
+    l0: float  # mean active latents per token
+    min_kept_score: float | None  # BatchTopK: smallest kept weighted value
+
+
+def recon_loss(x_BSD: Tensor, xhat_BSD: Tensor) -> Tensor:
+    return (x_BSD - xhat_BSD).pow(2).sum(dim=(1, 2)).mean()
+
+
+def _auxk_loss(resid_BX: Tensor, ehat_BX: Tensor) -> Tensor:
+    denom = (resid_BX - resid_BX.mean(0)).pow(2).sum()
+    return (resid_BX - ehat_BX).pow(2).sum() / denom.clamp_min(1e-12)
+
+
+def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
+    """Reference path: dense [B, F] activations and plain autograd."""
+    act = model.activation
+    B, S, D = x_BSD.shape
+    w_F = model.decoder_norm_weights()
+    pre_BF = model.preactivations(x_BSD)
+    min_kept = None
+    if isinstance(act, (TopK, BatchTopK)):
+        k = knobs.k or act.k
+        scores_BF = torch.relu(pre_BF) * w_F
+        token_idx, latent_idx = act.select(scores_BF.detach(), k)
+        mask_BF = torch.zeros_like(pre_BF, dtype=torch.bool)
+        mask_BF[token_idx, latent_idx] = True
+        f_BF = torch.where(mask_BF, torch.relu(pre_BF), 0.0)
+        if isinstance(act, BatchTopK) and token_idx.numel():
+            min_kept = float(scores_BF.detach()[token_idx, latent_idx].min())
+    else:
+        f_BF = act(pre_BF, w_F)
+    xhat_BSD = model.decode(f_BF)
+    recon = recon_loss(x_BSD, xhat_BSD)
+    sparsity = act.sparsity_loss(f_BF, pre_BF, w_F)
+    auxk = pre_BF.new_zeros(())
+    dead = knobs.dead_F
+    if act.is_topk and knobs.auxk_coeff > 0 and dead is not None and bool(dead.any()):
+        k_aux = min(knobs.auxk_k, int(dead.sum()))
+        dead_scores = torch.where(dead, torch.relu(pre_BF) * w_F, 0.0).detach()
+        token_idx, latent_idx = topk_per_token(dead_scores, k_aux)
+        mask_BF = torch.zeros_like(pre_BF, dtype=torch.bool)
+        mask_BF[token_idx, latent_idx] = True
+        f_aux_BF = torch.where(mask_BF, torch.relu(pre_BF), 0.0)
+        ehat_BX = f_aux_BF @ model.W_dec.reshape(model.dict_size, S * D)
+        resid_BX = (x_BSD - xhat_BSD).detach().reshape(B, S * D)
+        auxk = _auxk_loss(resid_BX, ehat_BX)
+    total = recon + knobs.sparsity_coeff * sparsity + knobs.auxk_coeff * auxk
+    active_BF = f_BF.detach() != 0
+    return LossTerms(
+        total, recon, sparsity, auxk, xhat_BSD.detach(), active_BF.any(0),
+        float(active_BF.sum()) / B, min_kept,
+    )
+
+
+class SparseStep:
+    """Fast path for TopK/BatchTopK: see :mod:`crosscoders.model.sparse`.
+
+    Holds two reusable workspaces (the [B, F] scores and the scaled encoder) because
+    allocating them afresh every step costs more than the arithmetic on them.
+    """
+
+    def __init__(self) -> None:
+        self._scores: Tensor | None = None
+        self._W_scaled: Tensor | None = None
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = getattr(self, name)
+        wanted = (torch.Size(shape), like.dtype, like.device)
+        if buf is None or (buf.shape, buf.dtype, buf.device) != wanted:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+            setattr(self, name, buf)
+        return buf
+
+    def __call__(self, model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
+        act = model.activation
+        B, S, D = x_BSD.shape
+        F_ = model.dict_size
+        x_BX = x_BSD.reshape(B, S * D)
+        with torch.no_grad():
+            w_F = model.decoder_norm_weights()
+            # GEMM on the norm-weighted encoder: scores = pre * w directly, no extra pass
+            W_scaled_FX = self._buffer("_W_scaled", (F_, S * D), x_BSD)
+            torch.mul(model.W_enc.detach().permute(2, 0, 1).reshape(F_, S * D),
+                      w_F[:, None], out=W_scaled_FX)
+            scores_BF = self._buffer("_scores", (B, F_), x_BSD)
+            torch.addmm(model.b_enc.detach() * w_F, x_BX, W_scaled_FX.T, out=scores_BF)
+            k = knobs.k or act.k
+            if isinstance(act, BatchTopK):
+                token_idx, latent_idx = act.select(scores_BF, k, knobs.threshold_hint)
+            else:
+                token_idx, latent_idx = act.select(scores_BF, k)
+            kept_scores_E = scores_BF[token_idx, latent_idx]
+            pre_E = kept_scores_E / w_F[latent_idx]
+        codes = SparseCodes(token_idx, latent_idx, pre_E, B, F_)
+        values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc, model.b_enc, codes))
+        codes = codes.with_values(values_E)
+        xhat_BX = sparse_decode(codes, model.W_dec) + model.b_dec.reshape(S * D)
+        xhat_BSD = xhat_BX.view(B, S, D)
+        recon = recon_loss(x_BSD, xhat_BSD)
+        zero = x_BSD.new_zeros(())
+        auxk = zero
+        dead = knobs.dead_F
+        if knobs.auxk_coeff > 0 and dead is not None and bool(dead.any()):
+            auxk = self._auxk(model, x_BX, xhat_BX.detach(), scores_BF, w_F, dead, knobs)
+        total = recon + knobs.auxk_coeff * auxk
+        fired_F = torch.zeros(F_, dtype=torch.bool, device=x_BSD.device)
+        fired_F[latent_idx[values_E.detach() > 0]] = True
+        min_kept = None
+        if isinstance(act, BatchTopK) and kept_scores_E.numel():
+            min_kept = float(kept_scores_E.min())
+        l0 = float((values_E.detach() > 0).sum()) / B
+        return LossTerms(total, recon, zero, auxk, xhat_BSD.detach(), fired_F, l0, min_kept)
+
+    def _auxk(self, model, x_BX, xhat_BX, scores_BF, w_F, dead_F, knobs) -> Tensor:
+        B = x_BX.shape[0]
+        k_aux = min(knobs.auxk_k, int(dead_F.sum()))
+        with torch.no_grad():
+            scores_BF.mul_(dead_F)  # the buffer is free now: keep only dead latents
+            token_idx, latent_idx = topk_per_token(scores_BF, k_aux)
+            pre_E = scores_BF[token_idx, latent_idx] / w_F[latent_idx]
+        codes = SparseCodes(token_idx, latent_idx, pre_E, B, model.dict_size)
+        values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc, model.b_enc, codes))
+        ehat_BX = sparse_decode(codes.with_values(values_E), model.W_dec)
+        return _auxk_loss(x_BX - xhat_BX, ehat_BX)

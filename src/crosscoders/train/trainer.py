@@ -1,0 +1,384 @@
+"""The training loop: schedules, dead-latent tracking, evaluation, checkpoints, resume.
+
+A run directory holds ``run.json`` (what is being trained on what), ``checkpoint.pt``
+(everything needed to continue exactly: weights, optimizer, step, normalisation, dead
+counters, RNG), ``metrics.jsonl`` and, at the end, the crosscoder itself (``config.json``
++ ``model.safetensors``, normalisation folded in). Every file is written atomically, so a
+run killed at any moment resumes from its last checkpoint and finishes with the same
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crosscoders.data import ActivationSource, as_source
+from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
+from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.model import Crosscoder, CrosscoderConfig
+from crosscoders.model.activations import BatchTopK
+from crosscoders.train.config import TrainConfig
+from crosscoders.train.loss import LossTerms, SparseStep, StepKnobs, dense_loss
+from crosscoders.train.normalise import estimate_scale, scale_from_mean_squared_norm
+
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def train(
+    config_or_model: CrosscoderConfig | Crosscoder,
+    data,
+    train_config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+) -> Crosscoder:
+    """Train a crosscoder and return it with normalisation folded in (works on raw data).
+
+    ``data``: a tensor [N, S, D], a ``.safetensors``/``.pt``/``.npy`` file holding one, an
+    activation-store directory, or an iterable of [B, S, D] batches. With ``run_dir`` the
+    run checkpoints there and calling ``train`` again with the same arguments resumes it.
+    A model passed in is copied, never modified.
+    """
+    train_config = train_config or TrainConfig()
+    source = as_source(data, train_config.eval_tokens, train_config.batch_size)
+    if isinstance(config_or_model, Crosscoder):
+        model = copy.deepcopy(config_or_model)
+    elif isinstance(config_or_model, CrosscoderConfig):
+        model = Crosscoder(config_or_model)
+    else:
+        raise CrosscodersError(
+            f"train() needs a CrosscoderConfig or a Crosscoder, got {type(config_or_model)}"
+        )
+    return Trainer(model, source, train_config, run_dir).run()
+
+
+class Trainer:
+    def __init__(
+        self, model: Crosscoder, source: ActivationSource, config: TrainConfig,
+        run_dir: str | Path | None = None,
+    ):
+        cc = model.config
+        if (source.n_sources, source.d_model) != (cc.n_sources, cc.d_model):
+            raise DataError(
+                f"data has S={source.n_sources} sources of d_model={source.d_model} but the "
+                f"crosscoder expects S={cc.n_sources}, D={cc.d_model}; build the "
+                "CrosscoderConfig from the data's shape"
+            )
+        self.config = config
+        self.source = source
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = _resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.scale_S: Tensor | None = None
+        if model.is_folded:  # a saved model: train in its normalised units, never fold twice
+            self.scale_S = model.unfold_normalisation()
+        act = model.activation
+        self.is_topk = act.is_topk
+        self.lr = config.lr or 2e-4 / math.sqrt(cc.dict_size / 2**14)
+        self.l1_coeff = config.l1_coeff if config.l1_coeff is not None else (
+            1.0 if cc.activation == "jumprelu" else 2.0
+        )
+        self.auxk_k = config.auxk_k or max(1, cc.d_model // 2)
+        self.dead_after = config.dead_after_tokens or min(
+            10_000_000, max(config.batch_size, config.steps * config.batch_size // 20)
+        )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.lr, betas=config.adam_betas,
+            **_fast_adam_flags(self.device),
+        )
+        self.step = 0
+        self.tokens_since_fired_F = torch.zeros(cc.dict_size, dtype=torch.long,
+                                                device=self.device)
+        self.threshold_hint: float | None = None
+        self.sparse_step = SparseStep()
+
+    # ----------------------------------------------------------------- schedules
+    def lr_at(self, step: int) -> float:
+        c, n = self.config, self.config.steps
+        warm, decay = c.lr_warmup_frac * n, c.lr_decay_frac * n
+        if warm and step < warm:
+            return self.lr * (step + 1) / warm
+        if decay and step >= n - decay:
+            return self.lr * max(0.0, (n - step) / decay)
+        return self.lr
+
+    def knobs_at(self, step: int) -> StepKnobs:
+        c, cc = self.config, self.model.config
+        warm = c.l1_warmup_frac * c.steps
+        l1 = self.l1_coeff * min(1.0, (step + 1) / warm) if warm else self.l1_coeff
+        k = cc.k
+        if cc.k is not None and c.k_start is not None and c.k_anneal_frac > 0:
+            frac = min(1.0, step / (c.k_anneal_frac * c.steps))
+            k = round(c.k_start + (cc.k - c.k_start) * frac)
+        dead = self.tokens_since_fired_F >= self.dead_after
+        return StepKnobs(
+            sparsity_coeff=l1, k=k, auxk_coeff=c.auxk_coeff if self.is_topk else 0.0,
+            auxk_k=self.auxk_k, dead_F=dead, threshold_hint=self.threshold_hint,
+        )
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> Crosscoder:
+        resumed = self._open_run_dir()
+        if not resumed:
+            self._init_from_data()
+        c = self.config
+        batches = self.source.batches(c.batch_size, c.seed, start=self.step)
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, unit="step",
+                   desc="train", dynamic_ncols=True)
+        self.model.train()
+        while self.step < c.steps:
+            x_BSD = next(batches).to(self.device, non_blocking=True)
+            x_BSD = x_BSD * self.scale_S.to(x_BSD.dtype)[:, None]
+            terms = self._train_step(x_BSD)
+            self.step += 1
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                record = self._log_record(x_BSD, terms)
+                bar.set_postfix(_short(record), refresh=False)
+                self._append_metrics(record)
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                self._append_metrics(self.evaluate())
+            if self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                self._save_checkpoint()
+        bar.close()
+        self._save_checkpoint()
+        return self._finish()
+
+    def _train_step(self, x_BSD: Tensor) -> LossTerms:
+        """One optimizer step on a normalised batch."""
+        knobs = self.knobs_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        use_sparse = self.is_topk and self.config.sparse_kernels
+        with self._autocast():
+            terms = (self.sparse_step if use_sparse else dense_loss)(self.model, x_BSD, knobs)
+        if not torch.isfinite(terms.total):
+            ckpt = self.run_dir / CHECKPOINT_FILE if self.run_dir else None
+            kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt and ckpt.exists()
+                    else "no checkpoint had been written yet")
+            raise TrainingDiverged(
+                f"loss became {terms.total.item()} at step {self.step}; {kept}. Lower the "
+                f"learning rate (now {self.lr:g}) or check the data for extreme values"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        B = x_BSD.shape[0]
+        self.tokens_since_fired_F += B
+        self.tokens_since_fired_F[terms.fired_F] = 0
+        act = self.model.activation
+        if isinstance(act, BatchTopK) and terms.min_kept_score is not None:
+            act.update_threshold(terms.min_kept_score)
+            self.threshold_hint = terms.min_kept_score * 0.97
+        return terms
+
+    def _autocast(self):
+        enabled = self.config.autocast == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # ----------------------------------------------------------------- set-up
+    def _init_from_data(self) -> None:
+        c = self.config
+        sample = None
+        if c.normalise and self.scale_S is None:
+            known = self.source.mean_squared_norm()
+            if known is not None:
+                self.scale_S = scale_from_mean_squared_norm(known, self.model.d_model)
+            else:
+                sample = self.source.sample(c.norm_sample_tokens, c.seed)
+                self.scale_S = estimate_scale(sample)
+        if self.scale_S is None:
+            self.scale_S = torch.ones(self.model.n_sources)
+        self.scale_S = self.scale_S.float().to(self.device)
+        if c.init_b_dec_from_mean and not self.model.is_folded:
+            if sample is None:
+                sample = self.source.sample(min(c.norm_sample_tokens, 16384), c.seed)
+            with torch.no_grad():
+                mean_SD = (sample.to(self.device).double().mean(0) * self.scale_S[:, None])
+                self.model.b_dec.copy_(mean_SD.to(self.model.b_dec.dtype))
+
+    def _run_identity(self) -> dict:
+        return {
+            "crosscoder": self.model.config.to_dict(),
+            "train": self.config.to_dict(),
+            "data": self.source.describe(),
+        }
+
+    def _open_run_dir(self) -> bool:
+        """Check or write run.json; load the checkpoint if there is one."""
+        if self.run_dir is None:
+            return False
+        run_file = self.run_dir / RUN_FILE
+        identity = self._run_identity()
+        if run_file.exists():
+            _check_same_run(json.loads(run_file.read_text()), identity, self.run_dir)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_file, json.dumps(identity, indent=2) + "\n")
+        ckpt = self.run_dir / CHECKPOINT_FILE
+        if not ckpt.exists():
+            return False
+        self._load_checkpoint(ckpt)
+        return True
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "scale_S": self.scale_S,
+            "tokens_since_fired_F": self.tokens_since_fired_F,
+            "threshold_hint": self.threshold_hint,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def _save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        state = self._checkpoint_state()
+        atomic_write(self.run_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a checkpoint is only ever replaced atomically
+            raise CrosscodersError(
+                f"cannot read checkpoint {path} ({err}); delete it to restart the run"
+            ) from None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.scale_S = state["scale_S"].to(self.device)
+        self.tokens_since_fired_F = state["tokens_since_fired_F"].to(self.device)
+        self.threshold_hint = state["threshold_hint"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self._truncate_metrics(self.step)
+
+    # ----------------------------------------------------------------- logging / eval
+    def _log_record(self, x_BSD: Tensor, terms: LossTerms) -> dict:
+        err_S = (x_BSD - terms.xhat_BSD).pow(2).sum(dim=(0, 2))
+        var_S = (x_BSD - x_BSD.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
+        fvu = (err_S / var_S).tolist()
+        record = {
+            "step": self.step, "split": "train", "loss": terms.total.item(),
+            "recon": terms.recon.item(), "sparsity": terms.sparsity.item(),
+            "auxk": terms.auxk.item(), "l0": terms.l0,
+            "dead_frac": float((self.tokens_since_fired_F >= self.dead_after).float().mean()),
+            "lr": self.lr_at(self.step - 1),
+        }
+        for name, value in zip(self.model.config.names, fvu):
+            record[f"fvu/{name}"] = value
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """FVU per source pooled over the held-out tokens, L0 at inference, dead fraction."""
+        S = self.model.n_sources
+        sums = torch.zeros(3, S, dtype=torch.float64, device=self.device)  # err, x, x^2
+        sum_x_SD = torch.zeros(S, self.model.d_model, dtype=torch.float64, device=self.device)
+        n_tokens, n_active = 0, 0.0
+        self.model.eval()
+        for x_BSD in self.source.eval_batches(self.config.batch_size):
+            x_BSD = x_BSD.to(self.device) * self.scale_S[:, None]
+            f_BF = self.model.encode(x_BSD)
+            xhat_BSD = self.model.decode(f_BF)
+            sums[0] += (x_BSD - xhat_BSD).double().pow(2).sum(dim=(0, 2))
+            sums[2] += x_BSD.double().pow(2).sum(dim=(0, 2))
+            sum_x_SD += x_BSD.double().sum(0)
+            n_tokens += x_BSD.shape[0]
+            n_active += float((f_BF != 0).sum())
+        self.model.train()
+        record = {"step": self.step, "split": "eval", "n_tokens": n_tokens}
+        if n_tokens:
+            total_var_S = sums[2] - sum_x_SD.pow(2).sum(-1) / n_tokens
+            fvu = (sums[0] / total_var_S.clamp_min(1e-12)).tolist()
+            for name, value in zip(self.model.config.names, fvu):
+                record[f"fvu/{name}"] = value
+            record["l0"] = n_active / n_tokens
+        record["dead_frac"] = float((self.tokens_since_fired_F >= self.dead_after).float().mean())
+        return record
+
+    def _append_metrics(self, record: dict) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records logged after the checkpoint: the resumed run logs them again."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut short by a kill
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    # ----------------------------------------------------------------- finish
+    def _finish(self) -> Crosscoder:
+        final = copy.deepcopy(self.model).cpu().eval()
+        final.fold_normalisation(self.scale_S.cpu())
+        final.metadata = {**final.metadata, "train": self.config.to_dict(),
+                          "data": self.source.describe(), "steps_trained": self.step}
+        if self.run_dir is not None:
+            final.save(self.run_dir)
+        return final
+
+
+def _check_same_run(saved: dict, current: dict, run_dir: Path) -> None:
+    allowed = set(TrainConfig.RESUMABLE_CHANGES)
+    for section in ("crosscoder", "train", "data"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if section == "train" and key in allowed:
+                continue
+            if old.get(key) != new.get(key):
+                raise CrosscodersError(
+                    f"{run_dir} holds a run with {section}.{key}={old.get(key)!r}, but this "
+                    f"run has {new.get(key)!r}; use another run directory, or the original "
+                    "settings to resume it"
+                )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CrosscodersError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CrosscodersError("device 'cuda' requested but CUDA is not available; use cpu")
+    return resolved
+
+
+def _fast_adam_flags(device: torch.device) -> dict:
+    """Fused Adam where this torch build supports it on the device, else foreach."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError):
+        return {"foreach": True}
+
+
+def _short(record: dict) -> dict:
+    out = {"loss": f"{record['loss']:.4g}", "L0": f"{record['l0']:.1f}",
+           "dead": f"{record['dead_frac']:.2f}"}
+    for key, value in record.items():
+        if key.startswith("fvu/"):
+            out[key[4:]] = f"{value:.3f}"
+    return out

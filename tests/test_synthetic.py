@@ -1,0 +1,323 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoders.diff.categories import classify_latents
+from crosscoders.errors import ConfigError
+from crosscoders.synthetic import (
+    KINDS,
+    ActivationResult,
+    BenchmarkResult,
+    PlantedConfig,
+    concat_cosine,
+    confusion_matrix,
+    format_benchmark_table,
+    make_planted_data,
+    match_latents,
+    precision_recall,
+    score_decoder,
+)
+
+SMALL = PlantedConfig(
+    d_model=32,
+    n_shared=12,
+    n_shared_rotated=6,
+    n_shared_weaker=8,
+    n_base_only=6,
+    n_chat_only=6,
+    n_tokens=4000,
+    seed=3,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_planted_data(SMALL)
+
+
+def oracle_decoder(data, noise=0.01, n_junk=0, seed=0):
+    """Decoder = planted directions (randomly rescaled) + noise, plus junk, shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    V = data.directions_PSD
+    W = V * (0.5 + torch.rand(len(V), 1, 1, generator=gen)) + noise * torch.randn(
+        V.shape, generator=gen
+    )
+    junk = 0.3 * torch.randn(n_junk, *V.shape[1:], generator=gen)
+    W = torch.cat([W, junk])
+    perm = torch.randperm(len(W), generator=gen)
+    return W[perm], perm
+
+
+# ---------------------------------------------------------------------------------- generator
+
+
+def test_generator_shapes_and_truth(data):
+    P, D = SMALL.n_features, SMALL.d_model
+    assert data.acts_NSD.shape == (SMALL.n_tokens, 2, D) and data.acts_NSD.dtype == torch.float32
+    assert data.directions_PSD.shape == (P, 2, D) and data.codes_NP.shape == (SMALL.n_tokens, P)
+    assert data.kinds == [k for k in KINDS for _ in range(getattr(SMALL, f"n_{k}"))]
+    assert data.categories.count("chat_only") == 6 and data.categories.count("base_only") == 6
+    assert data.categories.count("shared") == 12 + 6 + 8
+
+
+def test_generator_is_deterministic(data):
+    again = make_planted_data(SMALL)
+    assert torch.equal(again.acts_NSD, data.acts_NSD)
+    assert torch.equal(again.directions_PSD, data.directions_PSD)
+    other = make_planted_data(SMALL.replace(seed=4))
+    assert not torch.equal(other.directions_PSD, data.directions_PSD)
+
+
+def test_planted_directions_by_kind(data):
+    V, kinds = data.directions_PSD, np.array(data.kinds)
+    norms = V.norm(dim=-1)
+    cos = torch.nn.functional.cosine_similarity(V[:, 0], V[:, 1], dim=-1)
+    for kind, n_base, n_chat in [
+        ("shared", 1.0, 1.0),
+        ("shared_rotated", 1.0, 1.0),
+        ("base_only", 1.0, 0.0),
+        ("chat_only", 0.0, 1.0),
+    ]:
+        expected = torch.tensor([n_base, n_chat]).expand(int((kinds == kind).sum()), 2)
+        torch.testing.assert_close(norms[kinds == kind], expected)
+    torch.testing.assert_close(cos[kinds == "shared"], torch.ones(12))
+    rotated = cos[kinds == "shared_rotated"]
+    assert (rotated >= SMALL.rotated_cos_min - 1e-6).all()
+    assert (rotated <= SMALL.rotated_cos_max + 1e-6).all()
+    weak = norms[kinds == "shared_weaker"]
+    torch.testing.assert_close(weak[0::2], torch.tensor([[0.3, 1.0]] * 4))  # weaker in base
+    torch.testing.assert_close(weak[1::2], torch.tensor([[1.0, 0.3]] * 4))  # weaker in chat
+    torch.testing.assert_close(cos[kinds == "shared_weaker"], torch.ones(8))
+
+
+def test_activations_are_codes_times_directions_plus_noise(data):
+    clean = torch.einsum("np,psd->nsd", data.codes_NP, data.directions_PSD)
+    residual = data.acts_NSD - clean
+    assert residual.std().item() == pytest.approx(SMALL.noise_std, rel=0.05)
+    fires = data.codes_NP > 0
+    assert fires.float().mean().item() == pytest.approx(SMALL.fire_prob, rel=0.1)
+    assert data.codes_NP[fires].mean().item() == pytest.approx(1.0, rel=0.05)
+    # Exclusive features never touch the other model.
+    noiseless = make_planted_data(
+        SMALL.replace(
+            noise_std=0.0, n_shared=0, n_shared_rotated=0, n_shared_weaker=0, n_chat_only=0
+        )
+    )
+    assert noiseless.acts_NSD[:, 1].abs().max() == 0
+    assert noiseless.acts_NSD[:, 0].abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"fire_prob": 0.0}, "fire_prob"),
+        ({"weaker_fraction": 1.0}, "weaker_fraction"),
+        ({"n_chat_only": -1}, "n_chat_only"),
+        ({"rotated_cos_min": 0.99}, "rotated_cos_min"),
+        (
+            {
+                "n_shared": 0,
+                "n_shared_rotated": 0,
+                "n_shared_weaker": 0,
+                "n_base_only": 0,
+                "n_chat_only": 0,
+            },
+            "no features",
+        ),
+    ],
+)
+def test_config_validation(change, match):
+    with pytest.raises(ConfigError, match=match):
+        PlantedConfig(**change)
+
+
+def test_config_round_trip_and_strict_keys(tmp_path):
+    SMALL.save(tmp_path / "planted.yaml")
+    assert PlantedConfig.load(tmp_path / "planted.yaml") == SMALL
+    with pytest.raises(ConfigError, match="unknown key n_chat"):
+        PlantedConfig.from_dict({"n_chat": 3})
+
+
+# ---------------------------------------------------------------------------------- matching
+
+
+@pytest.mark.parametrize("method", ["hungarian", "max"])
+def test_oracle_decoder_is_recovered_and_labelled_perfectly(data, method):
+    W, perm = oracle_decoder(data, noise=0.002, n_junk=20)
+    match, labels, confusion, scores = score_decoder(W, data, preset="anthropic", method=method)
+    assert match.recovery > 0.99 and match.frac_recovered == 1.0
+    inverse = torch.argsort(perm).numpy()
+    np.testing.assert_array_equal(match.latent_P, inverse[: SMALL.n_features])
+    for kind in KINDS:  # anthropic: everything, shared_weaker included, on the diagonal
+        truth = "shared" if kind.startswith("shared") else kind
+        assert confusion[kind, truth] == getattr(SMALL, f"n_{kind}")
+    alive = np.zeros(len(W), bool)
+    alive[inverse[: SMALL.n_features]] = True  # junk latents are "dead"
+    scores = precision_recall(labels, match, data.categories, alive)
+    for c in ("shared", "base_only", "chat_only"):
+        assert scores[c].recall == 1.0 and scores[c].precision == 1.0
+
+
+def test_minder_preset_puts_weaker_copies_in_other(data):
+    W, _ = oracle_decoder(data)
+    _, _, confusion, scores = score_decoder(W, data, preset="minder")
+    assert confusion["shared_weaker", "other"] == 8
+    assert scores["shared"].recall == pytest.approx(18 / 26)
+    assert scores["chat_only"].precision == 1.0 and scores["base_only"].precision == 1.0
+
+
+def test_cosine_uses_concatenated_vectors():
+    V = torch.zeros(2, 2, 3)
+    V[0, 1, 0] = 1.0  # chat-only along e0
+    V[1, :, 0] = 1.0  # shared along e0
+    W = torch.zeros(3, 2, 3)
+    W[0, 1, 0] = 2.0  # chat-only latent
+    W[1, :, 0] = 0.5  # shared latent
+    W[2, 0, 0] = 1.0  # base-only latent
+    cos = concat_cosine(W, V)
+    expected = torch.tensor([[1.0, 2**-0.5], [2**-0.5, 1.0], [0.0, 2**-0.5]]).double()
+    torch.testing.assert_close(cos, expected)
+    with pytest.raises(ValueError, match="agree on S and D"):
+        concat_cosine(W, torch.zeros(2, 2, 4))
+
+
+def test_hungarian_is_one_to_one_and_max_is_not():
+    V = torch.eye(3).reshape(3, 1, 3).repeat(1, 2, 1)  # three shared features
+    W = torch.stack([V[0], V[0] + 0.1 * V[1]])  # two latents, both close to feature 0
+    hung = match_latents(W, V, "hungarian")
+    assert sorted(hung.latent_P[hung.latent_P >= 0].tolist()) == [0, 1]
+    assert (hung.latent_P == -1).sum() == 1 and hung.cosine_P[hung.latent_P == -1] == 0
+    best = match_latents(W, V, "max")
+    assert best.latent_P[0] == 0 and best.cosine_P[0] == pytest.approx(1.0)
+    assert best.recovery >= hung.recovery
+    with pytest.raises(ConfigError, match="hungarian"):
+        match_latents(W, V, "greedy")
+
+
+def test_recovery_threshold():
+    V = torch.eye(4).reshape(4, 1, 4)
+    W = V.clone()
+    W[3, 0] = torch.tensor([0.0, 0.0, 0.6, 0.8])  # cos 0.8 with feature 3
+    m = match_latents(W, V, threshold=0.9)
+    assert m.frac_recovered == 0.75 and m.recovery == pytest.approx(0.95)
+    assert match_latents(W, V, threshold=0.7).frac_recovered == 1.0
+
+
+# ------------------------------------------------------------------------- confusion, scores
+
+
+def test_confusion_matrix_counts_and_missed():
+    cm = confusion_matrix(
+        ["shared", "chat_only", "chat_only", "other", "base_only"],
+        ["shared", "chat_only", "shared", "chat_only", "base_only"],
+        recovered=[True, True, True, False, True],
+    )
+    assert cm.rows == ["shared", "base_only", "chat_only"]
+    assert cm.cols == ["shared", "base_only", "chat_only", "other", "missed"]
+    assert cm["shared", "shared"] == 1 and cm["shared", "chat_only"] == 1
+    assert cm["chat_only", "chat_only"] == 1 and cm["chat_only", "missed"] == 1
+    assert cm["chat_only", "other"] == 0
+    assert cm.counts.sum() == 5
+    assert "missed" in cm.format()
+    with pytest.raises(ValueError, match="predictions"):
+        confusion_matrix(["shared"], ["shared", "chat_only"])
+
+
+def test_shrunk_weaker_copies_lower_exclusive_precision_not_recall(data):
+    """The L1 failure: a weaker copy shrinks to zero, and the latent is read as exclusive."""
+    W, perm = oracle_decoder(data, noise=0.0)
+    inverse = torch.argsort(perm)
+    kinds = np.array(data.kinds)
+    shrunk = W.clone()
+    for p in np.flatnonzero(kinds == "shared_weaker"):
+        i = inverse[p]
+        weak_side = int(shrunk[i].norm(dim=-1).argmin())
+        shrunk[i, weak_side] = 0.0
+    match, labels, confusion, scores = score_decoder(shrunk, data, preset="minder")
+    # Still matched (cos 1/sqrt(1.09) = 0.958 > 0.9), so it counts as found, and misread.
+    assert match.frac_recovered == 1.0
+    assert confusion["shared_weaker", "chat_only"] == 4
+    assert confusion["shared_weaker", "base_only"] == 4
+    assert scores["chat_only"].recall == 1.0 and scores["base_only"].recall == 1.0
+    assert scores["chat_only"].precision == pytest.approx(6 / 10)
+    assert scores["base_only"].precision == pytest.approx(6 / 10)
+
+
+def test_unexplained_latents_count_as_false_discoveries(data):
+    W, perm = oracle_decoder(data, noise=0.0)
+    gen = torch.Generator().manual_seed(5)
+    junk = torch.zeros(3, 2, SMALL.d_model)
+    junk[:, 1] = torch.randn(3, SMALL.d_model, generator=gen)  # chat-only, matches nothing
+    W = torch.cat([W, junk])
+    match, labels, _, scores = score_decoder(W, data, preset="minder")
+    assert list(labels[-3:]) == ["chat_only"] * 3
+    assert scores["chat_only"].precision == pytest.approx(6 / 9)
+    assert scores["chat_only"].recall == 1.0
+    alive = np.ones(len(W), bool)
+    alive[-3:] = False  # dead latents are not on anyone's list
+    rescored = precision_recall(labels, match, data.categories, alive)
+    assert rescored["chat_only"].precision == 1.0
+
+
+def test_missing_feature_lowers_recall(data):
+    W, perm = oracle_decoder(data, noise=0.0)
+    inverse = torch.argsort(perm)
+    first_chat = data.kinds.index("chat_only")
+    W[inverse[first_chat]] = torch.randn(2, SMALL.d_model, generator=torch.Generator())
+    match, labels, confusion, scores = score_decoder(W, data, preset="minder")
+    assert confusion["chat_only", "missed"] == 1
+    assert scores["chat_only"].recall == pytest.approx(5 / 6)
+    assert not match.recovered_P[first_chat]
+
+
+def test_precision_is_nan_when_nothing_has_the_label(data):
+    V = data.directions_PSD
+    shared_only = V[np.array(data.categories) == "shared"]
+    match, labels, _, scores = score_decoder(shared_only, data, preset="anthropic")
+    assert math.isnan(scores["chat_only"].precision) and scores["chat_only"].recall == 0.0
+    assert scores["shared"].precision == 1.0
+
+
+def test_format_table_mentions_every_activation(data):
+    results = {}
+    for name, W in {"exact": oracle_decoder(data)[0], "junk": torch.randn(60, 2, 32)}.items():
+        match, labels, confusion, scores = score_decoder(W, data)
+        alive = np.ones(len(W), bool)
+        results[name] = ActivationResult(
+            name, match, labels, alive, confusion, scores, 0.1, 4.0, 1.0
+        )
+    settings = {
+        "dict_size": 60,
+        "k": 4,
+        "steps": 1,
+        "batch_size": 8,
+        "method": "hungarian",
+        "threshold": 0.9,
+        "preset": "minder",
+        "thresholds": {
+            "convention": "minder",
+            "base_only_below": 0.1,
+            "chat_only_above": 0.9,
+            "shared_low": 0.4,
+            "shared_high": 0.6,
+        },
+    }
+    result = BenchmarkResult(SMALL, settings, results)
+    text = format_benchmark_table(result)
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    assert float(rows["exact"][2]) == 1.0  # fraction recovered
+    assert float(rows["junk"][2]) < 0.5
+    assert "shared_weaker" in text
+    assert result.to_dict()["results"]["exact"]["scores"]["chat_only"]["recall"] == 1.0
+
+
+def test_labels_of_oracle_follow_planted_kind(data):
+    labels = classify_latents(data.directions_PSD, preset="kissane")
+    assert list(labels) == [
+        {"base_only": "base_only", "chat_only": "chat_only", "shared_weaker": "other"}.get(
+            k, "shared"
+        )
+        for k in data.kinds
+    ]
