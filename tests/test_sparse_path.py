@@ -45,7 +45,7 @@ def test_sparse_matches_dense(activation, dtype, tol, with_dead):
     assert torch.allclose(td.xhat_BSD, ts.xhat_BSD, rtol=tol, atol=tol)
     assert torch.equal(td.fired_F, ts.fired_F)
     assert td.l0 == ts.l0
-    assert set(gd) == set(gs) == {"W_enc", "W_dec", "b_enc", "b_dec"}
+    assert set(gd) == set(gs) == {"W_enc_FSD", "W_dec", "b_enc", "b_dec"}
     for name in gd:
         scale = gd[name].abs().max()
         assert (gd[name] - gs[name]).abs().max() <= tol * scale, name

@@ -231,3 +231,43 @@ def test_cli_reports_bad_file(tmp_path, capsys):
     path.write_text("nope")
     assert cli_main(["train", "--data", str(path), "--out", str(tmp_path / "r")]) == 2
     assert "unsupported data file acts.txt" in capsys.readouterr().err
+
+
+def test_bf16_autocast_trains_close_to_fp32():
+    acts, _ = planted_acts(n=2048)
+    models = [train(_cfg(), acts, TrainConfig(steps=60, autocast=a, **FAST))
+              for a in ("none", "bf16")]
+    x = acts[:512]
+    with torch.no_grad():
+        fvu = [float((m(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) for m in models]
+    assert fvu[1] < 0.5 and abs(fvu[0] - fvu[1]) < 0.1, fvu
+
+
+def test_schedules():
+    from crosscoders.data import TensorSource
+    from crosscoders.train import Trainer
+
+    acts, _ = planted_acts(n=512)
+    tc = TrainConfig(steps=100, lr=1e-3, lr_warmup_frac=0.1, lr_decay_frac=0.2, l1_coeff=4.0,
+                     l1_warmup_frac=0.5, k_start=32, k_anneal_frac=0.5, **FAST)
+    trainer = Trainer(Crosscoder(_cfg(k=4)), TensorSource(acts), tc)
+    assert trainer.lr_at(0) == pytest.approx(1e-4) and trainer.lr_at(9) == pytest.approx(1e-3)
+    assert trainer.lr_at(50) == 1e-3 and trainer.lr_at(90) == pytest.approx(0.5e-3)
+    assert trainer.knobs_at(0).k == 32 and trainer.knobs_at(25).k == 18
+    assert trainer.knobs_at(50).k == 4 and trainer.knobs_at(99).k == 4
+    assert trainer.knobs_at(24).sparsity_coeff == pytest.approx(2.0)
+    assert trainer.knobs_at(80).sparsity_coeff == 4.0
+
+
+def test_batchtopk_threshold_is_running_mean_then_ema():
+    from crosscoders.model.activations import BatchTopK
+
+    act = BatchTopK(4, threshold_beta=0.9)
+    for value in (1.0, 2.0, 3.0):
+        act.update_threshold(value)
+    assert float(act.threshold) == pytest.approx(2.0)  # mean of the first updates
+    for _ in range(200):
+        act.update_threshold(10.0)
+    assert float(act.threshold) == pytest.approx(10.0, rel=1e-6)
+    act.update_threshold(0.0)
+    assert float(act.threshold) == pytest.approx(9.0)  # EMA with weight 1 - beta

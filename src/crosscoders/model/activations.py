@@ -72,6 +72,7 @@ class BatchTopK(Activation):
         self.k = k
         self.threshold_beta = threshold_beta
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float64))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
 
     @property
     def has_threshold(self) -> bool:
@@ -89,13 +90,19 @@ class BatchTopK(Activation):
         return torch.where(scores_BF > self.threshold.to(scores_BF.dtype), pre_BF, 0.0)
 
     @torch.no_grad()
-    def update_threshold(self, min_kept_score: float) -> None:
-        """EMA of the smallest kept weighted activation (the first update sets it)."""
+    def update_threshold(self, min_kept_score: float, beta: float | None = None) -> None:
+        """Fold the smallest kept weighted activation of a batch into ``theta``.
+
+        A running mean for the first ``1 / (1 - beta)`` updates, an EMA after that, so the
+        first batches do not dominate.
+        """
+        beta = self.threshold_beta if beta is None else beta
+        weight = max(1.0 - beta, 1.0 / (float(self.threshold_updates) + 1.0))
         if not self.has_threshold:
             self.threshold.fill_(min_kept_score)
         else:
-            beta = self.threshold_beta
-            self.threshold.mul_(beta).add_((1 - beta) * min_kept_score)
+            self.threshold.mul_(1.0 - weight).add_(weight * min_kept_score)
+        self.threshold_updates += 1
 
 
 class _JumpReLUFn(torch.autograd.Function):

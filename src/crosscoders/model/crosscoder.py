@@ -24,6 +24,7 @@ from crosscoders.model.activations import make_activation
 from crosscoders.model.config import CrosscoderConfig
 
 FORMAT_VERSION = 1
+_FILE_KEYS = {"W_enc_FSD": "W_enc"}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -31,9 +32,9 @@ WEIGHTS_FILE = "model.safetensors"
 class Crosscoder(nn.Module):
     """Crosscoder with ``W_enc`` [S, D, F], ``b_enc`` [F], ``W_dec`` [F, S, D], ``b_dec`` [S, D].
 
-    ``W_enc`` is stored latent-major in memory (its strides are those of an [F, S, D]
-    tensor) so that the sparse training kernels can write its gradient one latent row at a
-    time; its shape and indexing are the usual [S, D, F].
+    The encoder parameter is stored latent-major, ``W_enc_FSD`` [F, S, D], so the sparse
+    training kernels write its gradient one latent row at a time and fused Adam sees a
+    contiguous tensor; ``W_enc`` is its [S, D, F] view (the layout files use).
 
     Normalisation: a trainer works in units where each source has mean squared norm D.
     :meth:`fold_normalisation` moves those per-source scales into the weights so the model
@@ -49,7 +50,7 @@ class Crosscoder(nn.Module):
         W_dec_FSD = torch.randn(F_, S, D, generator=gen)
         W_dec_FSD *= config.init_norm / W_dec_FSD.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_FSD)
-        self.W_enc = nn.Parameter(W_dec_FSD.clone().permute(1, 2, 0))  # encoder = decoder^T
+        self.W_enc_FSD = nn.Parameter(W_dec_FSD.clone())  # encoder = decoder^T
         self.b_enc = nn.Parameter(torch.zeros(F_))
         self.b_dec = nn.Parameter(torch.zeros(S, D))
         self.activation = make_activation(config)
@@ -58,6 +59,11 @@ class Crosscoder(nn.Module):
         self.metadata: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- the equations
+    @property
+    def W_enc(self) -> Tensor:
+        """[S, D, F] encoder (a view of the latent-major parameter ``W_enc_FSD``)."""
+        return self.W_enc_FSD.permute(1, 2, 0)
+
     @property
     def n_sources(self) -> int:
         return self.config.n_sources
@@ -134,7 +140,7 @@ class Crosscoder(nn.Module):
                 "unfold_normalisation() first"
             )
         scale_S = torch.as_tensor(scale_S, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        self.W_enc.mul_(scale_S[:, None, None])
+        self.W_enc_FSD.mul_(scale_S[None, :, None])
         self.W_dec.div_(scale_S[None, :, None])
         self.b_dec.div_(scale_S[:, None])
         self.folded_scale_S.copy_(scale_S)
@@ -143,7 +149,7 @@ class Crosscoder(nn.Module):
     def unfold_normalisation(self) -> Tensor:
         """Undo :meth:`fold_normalisation`; returns the scales that were folded in."""
         scale_S = self.folded_scale_S.clone()
-        self.W_enc.div_(scale_S[:, None, None])
+        self.W_enc_FSD.div_(scale_S[None, :, None])
         self.W_dec.mul_(scale_S[None, :, None])
         self.b_dec.mul_(scale_S[:, None])
         self.folded_scale_S.fill_(1.0)
@@ -154,7 +160,9 @@ class Crosscoder(nn.Module):
         """Write ``config.json`` and ``model.safetensors`` (each atomically) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {_FILE_KEYS.get(k, k): v.detach().cpu() for k, v in self.state_dict().items()}
+        tensors["W_enc"] = tensors["W_enc"].permute(1, 2, 0)  # files hold W_enc [S, D, F]
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
         atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
         meta = {
             "format": "crosscoders",
@@ -189,6 +197,8 @@ class Crosscoder(nn.Module):
             )
         model = cls(CrosscoderConfig.from_dict(meta["config"]))
         state = load_file(str(weights_path))
+        if "W_enc" in state:
+            state["W_enc_FSD"] = state.pop("W_enc").permute(2, 0, 1)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if expected != got:

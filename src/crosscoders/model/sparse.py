@@ -126,11 +126,10 @@ def batch_topk(scores_BF: Tensor, n_keep: int, hint: float | None = None) -> tup
         cut = torch.topk(block_max, n_top_blocks, sorted=False).values.min()
     cut = torch.clamp_min(cut, torch.finfo(flat.dtype).tiny)  # positive entries only
     block_ids = torch.nonzero(block_max >= cut).squeeze(1)
-    cand_vals = blocks.index_select(0, block_ids)
-    mask = cand_vals >= cut
-    cand_flat = (block_ids.unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=flat.device))
-    cand_flat = cand_flat.masked_select(mask)
-    cand_vals = cand_vals.masked_select(mask)
+    cand_BLK = blocks.index_select(0, block_ids)
+    row, col = torch.nonzero(cand_BLK >= cut, as_tuple=True)
+    cand_vals = cand_BLK[row, col]
+    cand_flat = block_ids[row] * BLOCK + col  # ascending: nonzero walks row-major
     if cand_vals.numel() < n_keep:
         if hint is not None:  # the hint was too high: redo without it (still exact)
             return batch_topk(scores_BF, n_keep, None)
@@ -161,28 +160,28 @@ class _GatherPreacts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre_E, x_BX, W_enc_SDF, b_enc_F, codes):  # noqa: D102
+    def forward(ctx, pre_E, x_BX, W_enc_FSD, b_enc_F, codes):  # noqa: D102
         ctx.codes = codes
-        ctx.save_for_backward(x_BX, W_enc_SDF)
+        ctx.save_for_backward(x_BX, W_enc_FSD)
         return pre_E.clone()
 
     @staticmethod
     def backward(ctx, grad_E):  # noqa: D102
         codes: SparseCodes = ctx.codes
-        x_BX, W_enc_SDF = ctx.saved_tensors
-        S, D, F_ = W_enc_SDF.shape
+        x_BX, W_enc_FSD = ctx.saved_tensors
+        F_, S, D = W_enc_FSD.shape
         grad_W = grad_b = grad_x = None
         if ctx.needs_input_grad[2]:
             grad_FX = F.embedding_bag(
                 codes.tokens_by_latent_E, x_BX, codes.latent_offsets_F, mode="sum",
                 per_sample_weights=grad_E[codes.latent_order_E],
             )
-            grad_W = grad_FX.view(F_, S, D).permute(1, 2, 0)
+            grad_W = grad_FX.view(F_, S, D)
         if ctx.needs_input_grad[3]:
             grad_b = grad_E.new_zeros(F_).index_add_(0, codes.latent_idx_E, grad_E)
         if ctx.needs_input_grad[1]:
             dense = codes.with_values(grad_E).to_dense()
-            grad_x = dense @ W_enc_SDF.reshape(S * D, F_).T
+            grad_x = dense @ W_enc_FSD.reshape(F_, S * D)
         return None, grad_x, grad_W, grad_b, None
 
 
@@ -232,10 +231,10 @@ def sampled_dot(a_BX: Tensor, b_FX: Tensor, codes: SparseCodes) -> Tensor:
 
 
 def gather_preacts(
-    pre_E: Tensor, x_BX: Tensor, W_enc_SDF: Tensor, b_enc_F: Tensor, codes: SparseCodes
+    pre_E: Tensor, x_BX: Tensor, W_enc_FSD: Tensor, b_enc_F: Tensor, codes: SparseCodes
 ) -> Tensor:
     """Differentiable view of the selected pre-activations (see :class:`_GatherPreacts`)."""
-    return _GatherPreacts.apply(pre_E.detach(), x_BX, W_enc_SDF, b_enc_F, codes)
+    return _GatherPreacts.apply(pre_E.detach(), x_BX, W_enc_FSD, b_enc_F, codes)
 
 
 def sparse_decode(codes: SparseCodes, W_dec_FSD: Tensor) -> Tensor:

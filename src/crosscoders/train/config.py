@@ -46,7 +46,7 @@ class TrainConfig(Config):
     log_every: int = 50
     checkpoint_every: int = 500
     device: str = "auto"
-    #: bf16 autocast for the encoder GEMM on CUDA (weights and optimizer stay fp32)
+    #: bf16 autocast (meant for CUDA; works on CPU): GEMMs in bf16, weights and Adam in fp32
     autocast: Literal["none", "bf16"] = "none"
     #: the fast TopK/BatchTopK path; False uses the dense reference (slow, for checks)
     sparse_kernels: bool = True

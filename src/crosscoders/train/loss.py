@@ -129,10 +129,13 @@ class SparseStep:
             w_F = model.decoder_norm_weights()
             # GEMM on the norm-weighted encoder: scores = pre * w directly, no extra pass
             W_scaled_FX = self._buffer("_W_scaled", (F_, S * D), x_BSD)
-            torch.mul(model.W_enc.detach().permute(2, 0, 1).reshape(F_, S * D),
-                      w_F[:, None], out=W_scaled_FX)
-            scores_BF = self._buffer("_scores", (B, F_), x_BSD)
-            torch.addmm(model.b_enc.detach() * w_F, x_BX, W_scaled_FX.T, out=scores_BF)
+            torch.mul(model.W_enc_FSD.detach().reshape(F_, S * D), w_F[:, None],
+                      out=W_scaled_FX)
+            if torch.is_autocast_enabled(x_BSD.device.type):  # low-precision GEMM, fp32 scores
+                scores_BF = torch.addmm(model.b_enc.detach() * w_F, x_BX, W_scaled_FX.T).float()
+            else:
+                scores_BF = self._buffer("_scores", (B, F_), x_BSD)
+                torch.addmm(model.b_enc.detach() * w_F, x_BX, W_scaled_FX.T, out=scores_BF)
             k = knobs.k or act.k
             if isinstance(act, BatchTopK):
                 token_idx, latent_idx = act.select(scores_BF, k, knobs.threshold_hint)
@@ -141,7 +144,7 @@ class SparseStep:
             kept_scores_E = scores_BF[token_idx, latent_idx]
             pre_E = kept_scores_E / w_F[latent_idx]
         codes = SparseCodes(token_idx, latent_idx, pre_E, B, F_)
-        values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc, model.b_enc, codes))
+        values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         codes = codes.with_values(values_E)
         xhat_BX = sparse_decode(codes, model.W_dec) + model.b_dec.reshape(S * D)
         xhat_BSD = xhat_BX.view(B, S, D)
@@ -168,6 +171,6 @@ class SparseStep:
             token_idx, latent_idx = topk_per_token(scores_BF, k_aux)
             pre_E = scores_BF[token_idx, latent_idx] / w_F[latent_idx]
         codes = SparseCodes(token_idx, latent_idx, pre_E, B, model.dict_size)
-        values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc, model.b_enc, codes))
+        values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         ehat_BX = sparse_decode(codes.with_values(values_E), model.W_dec)
         return _auxk_loss(x_BX - xhat_BX, ehat_BX)

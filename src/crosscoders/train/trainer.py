@@ -170,14 +170,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            _clip_grad_norm(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         B = x_BSD.shape[0]
         self.tokens_since_fired_F += B
         self.tokens_since_fired_F[terms.fired_F] = 0
         act = self.model.activation
         if isinstance(act, BatchTopK) and terms.min_kept_score is not None:
-            act.update_threshold(terms.min_kept_score)
+            # the EMA window is at most 5% of the run, so short runs get a settled theta
+            act.update_threshold(terms.min_kept_score,
+                                 min(act.threshold_beta, 1.0 - 20.0 / self.config.steps))
             self.threshold_hint = terms.min_kept_score * 0.97
         return terms
 
@@ -373,6 +375,15 @@ def _fast_adam_flags(device: torch.device) -> dict:
         return {"fused": True}
     except (RuntimeError, TypeError):
         return {"foreach": True}
+
+
+@torch.no_grad()
+def _clip_grad_norm(params, max_norm: float) -> None:
+    """Like ``clip_grad_norm_``, but skips the rescaling pass when nothing is clipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (float(total) + 1e-6))
 
 
 def _short(record: dict) -> dict:
