@@ -271,3 +271,21 @@ def test_batchtopk_threshold_is_running_mean_then_ema():
     assert float(act.threshold) == pytest.approx(10.0, rel=1e-6)
     act.update_threshold(0.0)
     assert float(act.threshold) == pytest.approx(9.0)  # EMA with weight 1 - beta
+
+
+@pytest.mark.parametrize("activation", ["relu", "batchtopk"])
+def test_designated_shared_and_exclusive_latents_stay_designated(activation):
+    acts, _ = planted_acts(n=2048)
+    cfg = _cfg(activation=activation, n_shared_latents=8, n_exclusive_latents=[4, 6])
+    model = train(cfg, acts, TrainConfig(steps=40, **FAST))
+    W = model.W_dec.detach() * model.folded_scale_S[None, :, None]  # normalised units
+    assert torch.allclose(W[:8, 0], W[:8, 1], rtol=1e-6, atol=0) and W[:8].abs().sum() > 0
+    assert W[8:12, 1].abs().sum() == 0 and W[8:12, 0].abs().sum() > 0
+    assert W[12:18, 0].abs().sum() == 0 and W[12:18, 1].abs().sum() > 0
+    assert W[18:].abs().sum(-1).min() > 0
+    if activation == "relu":  # shared latents pay a reduced penalty
+        w = model.decoder_norm_weights()
+        assert torch.allclose(model.sparsity_weights()[:8], 0.15 * w[:8])
+        assert torch.equal(model.sparsity_weights()[8:], w[8:])
+    with pytest.raises(CrosscodersError, match="n_shared_latents"):
+        _cfg(n_shared_latents=90, n_exclusive_latents=[4, 6])

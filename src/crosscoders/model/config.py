@@ -30,6 +30,12 @@ class CrosscoderConfig(Config):
     #: transpose. Results are sensitive to it (Kissane/Nanda); None picks per activation.
     dec_init_norm: float | None = None
     source_names: list[str] | None = None
+    #: designated shared latents (Anthropic, Feb 2025): the first n latents have one decoder
+    #: vector tied across all sources and a sparsity penalty scaled by shared_sparsity_scale
+    n_shared_latents: int = 0
+    shared_sparsity_scale: float = 0.15
+    #: latents allowed to write to one source only, per source, placed after the shared block
+    n_exclusive_latents: list[int] | None = None
     threshold_beta: float = 0.999
     jumprelu_init_threshold: float = 0.1
     jumprelu_bandwidth: float = 2.0
@@ -57,6 +63,22 @@ class CrosscoderConfig(Config):
             raise ConfigError(
                 f"source_names has {len(self.source_names)} names but n_sources="
                 f"{self.n_sources}; give one name per source"
+            )
+        n_excl = self.n_exclusive_latents
+        if n_excl is not None and (len(n_excl) != self.n_sources or min(n_excl) < 0):
+            raise ConfigError(
+                f"n_exclusive_latents needs one count >= 0 per source ({self.n_sources}), got "
+                f"{n_excl}"
+            )
+        designated = self.n_shared_latents + sum(n_excl or [])
+        if self.n_shared_latents < 0 or designated > self.dict_size:
+            raise ConfigError(
+                f"n_shared_latents + n_exclusive_latents = {designated} must be between 0 and "
+                f"dict_size={self.dict_size}"
+            )
+        if not 0 < self.shared_sparsity_scale <= 1:
+            raise ConfigError(
+                f"shared_sparsity_scale must be in (0, 1], got {self.shared_sparsity_scale}"
             )
         if not 0 < self.threshold_beta < 1:
             raise ConfigError(f"threshold_beta must be in (0, 1), got {self.threshold_beta}")

@@ -49,6 +49,10 @@ class Crosscoder(nn.Module):
         gen = torch.Generator().manual_seed(config.seed)
         W_dec_FSD = torch.randn(F_, S, D, generator=gen)
         W_dec_FSD *= config.init_norm / W_dec_FSD.norm(dim=-1, keepdim=True)
+        n_shared = config.n_shared_latents
+        W_dec_FSD[:n_shared] = W_dec_FSD[:n_shared, :1]  # tied across sources
+        self.register_buffer("dec_mask_FS", self._designation_mask(config))
+        W_dec_FSD *= self.dec_mask_FS[..., None]
         self.W_dec = nn.Parameter(W_dec_FSD)
         self.W_enc_FSD = nn.Parameter(W_dec_FSD.clone())  # encoder = decoder^T
         self.b_enc = nn.Parameter(torch.zeros(F_))
@@ -57,6 +61,47 @@ class Crosscoder(nn.Module):
         self.register_buffer("folded_scale_S", torch.ones(S))
         #: free-form provenance saved in config.json (models, sites, data): set by pipelines
         self.metadata: dict[str, Any] = {}
+
+    @staticmethod
+    def _designation_mask(config: CrosscoderConfig) -> Tensor:
+        """[F, S] 1 where latent i may write to source s (0 for other sources' exclusives)."""
+        mask_FS = torch.ones(config.dict_size, config.n_sources)
+        start = config.n_shared_latents
+        for s, count in enumerate(config.n_exclusive_latents or []):
+            mask_FS[start: start + count] = 0
+            mask_FS[start: start + count, s] = 1
+            start += count
+        return mask_FS
+
+    @property
+    def has_designated_latents(self) -> bool:
+        c = self.config
+        return c.n_shared_latents > 0 or any(c.n_exclusive_latents or [])
+
+    @torch.no_grad()
+    def constrain_decoder_grad(self) -> None:
+        """Keep designated latents designated: call between backward and the optimizer step.
+
+        Shared latents get the sum of their per-source gradients on every source (so, with
+        identical initial values and optimizer state, their decoders stay exactly tied);
+        exclusive latents get no gradient on the sources they may not write to.
+        """
+        grad = self.W_dec.grad
+        if grad is None or not self.has_designated_latents:
+            return
+        n = self.config.n_shared_latents
+        grad[:n] = grad[:n].sum(dim=1, keepdim=True)
+        grad.mul_(self.dec_mask_FS[..., None])
+
+    def sparsity_weights(self) -> Tensor:
+        """[F] decoder-norm weights as the sparsity penalty sees them (shared latents scaled)."""
+        w_F = self.decoder_norm_weights()
+        n = self.config.n_shared_latents
+        if n:
+            scale_F = torch.ones_like(w_F)
+            scale_F[:n] = self.config.shared_sparsity_scale
+            w_F = w_F * scale_F
+        return w_F
 
     # ----------------------------------------------------------------- the equations
     @property

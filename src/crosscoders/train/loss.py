@@ -80,7 +80,8 @@ def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
         f_BF = act(pre_BF, w_F)
     xhat_BSD = model.decode(f_BF)
     recon = recon_loss(x_BSD, xhat_BSD)
-    sparsity = act.sparsity_loss(f_BF, pre_BF, w_F)
+    w_penalty_F = model.sparsity_weights() if model.config.n_shared_latents else w_F
+    sparsity = act.sparsity_loss(f_BF, pre_BF, w_penalty_F)
     auxk = pre_BF.new_zeros(())
     dead = knobs.dead_F
     if act.is_topk and knobs.auxk_coeff > 0 and dead is not None and bool(dead.any()):

@@ -169,6 +169,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        self.model.constrain_decoder_grad()
         if self.config.grad_clip:
             _clip_grad_norm(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
