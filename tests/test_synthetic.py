@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from crosscoders.diff.categories import classify_latents
+from crosscoders.diff.categories import PRESETS, classify_latents
 from crosscoders.errors import ConfigError
 from crosscoders.synthetic import (
     KINDS,
@@ -17,6 +17,7 @@ from crosscoders.synthetic import (
     make_planted_data,
     match_latents,
     precision_recall,
+    run_planted_benchmark,
     score_decoder,
 )
 
@@ -286,29 +287,26 @@ def test_format_table_mentions_every_activation(data):
         match, labels, confusion, scores = score_decoder(W, data)
         alive = np.ones(len(W), bool)
         results[name] = ActivationResult(
-            name, match, labels, alive, confusion, scores, 0.1, 4.0, 1.0
+            name, W, match, labels, alive, confusion, scores, [0.1, 0.2], 4.0, 1.0
         )
     settings = {
         "dict_size": 60,
         "k": 4,
         "steps": 1,
         "batch_size": 8,
+        "lr": 1e-3,
+        "l1_coeff": None,
         "method": "hungarian",
         "threshold": 0.9,
         "preset": "minder",
-        "thresholds": {
-            "convention": "minder",
-            "base_only_below": 0.1,
-            "chat_only_above": 0.9,
-            "shared_low": 0.4,
-            "shared_high": 0.6,
-        },
+        "thresholds": PRESETS["minder"].to_dict(),
     }
     result = BenchmarkResult(SMALL, settings, results)
     text = format_benchmark_table(result)
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
     assert float(rows["exact"][2]) == 1.0  # fraction recovered
     assert float(rows["junk"][2]) < 0.5
+    assert rows["exact"][5] == "0.10/0.20"
     assert "shared_weaker" in text
     assert result.to_dict()["results"]["exact"]["scores"]["chat_only"]["recall"] == 1.0
 
@@ -321,3 +319,46 @@ def test_labels_of_oracle_follow_planted_kind(data):
         )
         for k in data.kinds
     ]
+
+
+# -------------------------------------------------------------------- benchmark (trains)
+
+TINY = PlantedConfig(
+    d_model=16,
+    n_shared=4,
+    n_shared_rotated=2,
+    n_shared_weaker=2,
+    n_base_only=2,
+    n_chat_only=2,
+    fire_prob=0.1,
+    n_tokens=3000,
+)
+
+
+def test_benchmark_runs_every_activation_end_to_end():
+    activations = ("relu", "topk", "batchtopk", "jumprelu")
+    result = run_planted_benchmark(
+        TINY, activations, dict_size=24, k=2, steps=30, batch_size=128, eval_tokens=500
+    )
+    assert list(result.results) == list(activations)
+    for r in result.results.values():
+        assert r.W_dec_FSD.shape == (24, 2, 16)
+        assert r.labels_F.shape == (24,) and r.alive_F.shape == (24,)
+        assert len(r.match.latent_P) == TINY.n_features
+        assert r.confusion.counts.sum() == TINY.n_features
+        assert all(0 <= v < 10 for v in r.fvu_S) and r.l0 >= 0
+    # The table and the JSON form cover every activation; settings are recorded.
+    assert result.settings["eval_tokens"] == 500 and result.settings["k"] == 2
+    text = format_benchmark_table(result)
+    assert all(f"\n{a} " in text for a in activations)
+    assert set(result.to_dict()["results"]) == set(activations)
+
+
+def test_batchtopk_recovers_and_labels_planted_features_at_defaults():
+    """The acceptance numbers quoted in docs/synthetic.md (defaults, one seed; ~15 s)."""
+    result = run_planted_benchmark(PlantedConfig(), ("batchtopk",), num_threads=1)
+    r = result.results["batchtopk"]
+    assert r.match.frac_recovered >= 0.9
+    for category in ("chat_only", "base_only"):
+        assert r.scores[category].recall >= 0.9, category
+        assert r.scores[category].precision >= 0.9, category

@@ -1,7 +1,10 @@
 """Command line: a thin layer over the library functions.
 
-    crosscoders train --data FILE_OR_DIR --out RUN_DIR [options]
-    crosscoders bench synthetic [options]
+    crosscoders run CONFIG.yaml          the whole experiment (harvest, train, diff, report)
+    crosscoders demo                     the built-in model-organism experiment
+    crosscoders init [--example NAME]    write a commented starting config
+    crosscoders harvest | train | diff | report    one stage at a time
+    crosscoders bench synthetic | diffing          ground-truth benchmarks
 """
 
 from __future__ import annotations
@@ -86,6 +89,17 @@ def _add_bench(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", help="also write the results as JSON to this file")
     s.set_defaults(func=_run_bench_synthetic)
+    try:
+        from crosscoders.diff.ground_truth import (
+            add_bench_diffing_arguments,
+            bench_diffing_from_args,
+        )
+    except ImportError:
+        return
+    d = bench.add_parser("diffing", help="L1 vs BatchTopK, with and without Latent Scaling, "
+                                         "on planted features that make L1 fail")
+    add_bench_diffing_arguments(d)
+    d.set_defaults(func=bench_diffing_from_args)
 
 
 def _run_bench_synthetic(args) -> int:
@@ -110,21 +124,109 @@ def _run_bench_synthetic(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="crosscoders", description="Train crosscoders and use them to diff models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_bench(sub)
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a whole experiment from one YAML config",
+                       description="Run every stage; unchanged stages are not redone and an "
+                                   "interrupted run continues where it stopped.")
+    p.add_argument("config", help="pipeline YAML (see `crosscoders init`)")
+    p.add_argument("--out", help="override the config's output directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_pipeline)
+
+
+def _run_pipeline(args) -> int:
+    from crosscoders.pipeline import PipelineConfig, run_pipeline
+    from crosscoders.pipeline.summary import format_summary
+
+    config = PipelineConfig.load(args.config)  # every key checked before any work
+    if args.out:
+        config = config.replace(out=args.out)
+    result = run_pipeline(config, progress=not args.no_progress)
+    print(format_summary(result))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the built-in model-organism experiment, end to end")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from crosscoders.pipeline import run_pipeline
+    from crosscoders.pipeline.examples import load_example
+    from crosscoders.pipeline.summary import format_summary
+
+    config = load_example("demo").replace(out=args.out)
+    result = run_pipeline(config, progress=not args.no_progress)
+    print(format_summary(result))
+    return 0
+
+
+def _add_init(sub) -> None:
+    from crosscoders.pipeline.examples import EXAMPLES
+
+    p = sub.add_parser("init", help="write a commented starting config")
+    p.add_argument("--example", choices=sorted(EXAMPLES), default="smollm2")
+    p.add_argument("--out", default="crosscoders.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_run_init)
+
+
+def _run_init(args) -> int:
+    from pathlib import Path
+
+    from crosscoders.io import atomic_write_text
+    from crosscoders.pipeline.examples import example_text
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CrosscodersError(f"{out} exists; pass --force to overwrite it or choose --out")
+    atomic_write_text(out, example_text(args.example))
+    print(f"wrote {out}; edit it, then: crosscoders run {out}")
+    return 0
+
+
+def _add_optional(sub) -> None:
+    """Stages whose modules may be absent in a trimmed install."""
     try:
         from crosscoders.harvest.cli import add_harvest_arguments, harvest_from_args
     except ImportError:
         pass
     else:
-        h = sub.add_parser("harvest", help="harvest activations from models into a store")
-        add_harvest_arguments(h)
-        h.set_defaults(func=harvest_from_args)
+        p = sub.add_parser("harvest", help="harvest activations from models into a store")
+        add_harvest_arguments(p)
+        p.set_defaults(func=harvest_from_args)
+    try:
+        from crosscoders.diff.cli import add_diff_arguments, diff_from_args
+    except ImportError:
+        pass
+    else:
+        p = sub.add_parser("diff", help="per-latent diffing analysis of a trained crosscoder")
+        add_diff_arguments(p)
+        p.set_defaults(func=diff_from_args)
+    try:
+        from crosscoders.report import add_report_arguments, report_from_args
+    except ImportError:
+        pass
+    else:
+        p = sub.add_parser("report", help="the browsable HTML report")
+        add_report_arguments(p)
+        p.set_defaults(func=report_from_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crosscoders", description="Train crosscoders and use them to diff models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_demo(sub)
+    _add_init(sub)
+    _add_train(sub)
+    _add_bench(sub)
+    _add_optional(sub)
     return parser
 
 

@@ -21,7 +21,15 @@ from crosscoders.errors import ConfigError
 C = TypeVar("C", bound="Config")
 
 
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          type(None): "null", list: "a list", dict: "a mapping"}
+
+
 def _type_name(tp: Any) -> str:
+    if tp in _NAMES:
+        return _NAMES[tp]
+    if get_origin(tp) in _NAMES:
+        return _NAMES[get_origin(tp)]
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -92,6 +100,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """Nested configs, lists and tuples as plain JSON-able values."""
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 @dataclasses.dataclass
 class Config:
     """Base class: validation hook, dict/JSON/YAML round trip, strict loading."""
@@ -107,15 +126,7 @@ class Config:
         """Raise ConfigError naming the field and the fix; subclasses override."""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Config):
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[field.name] = value
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], _path: str = "") -> C:

@@ -1,0 +1,65 @@
+"""One YAML file describes a whole experiment: models, data, crosscoder, analysis, report."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from crosscoders.configs import Config
+from crosscoders.errors import ConfigError
+from crosscoders.harvest.config import HarvestConfig
+from crosscoders.model import CrosscoderConfig
+from crosscoders.train import TrainConfig
+
+#: crosscoder fields the pipeline fills in from the activation store
+DERIVED = ("n_sources", "d_model")
+
+
+@dataclass
+class PipelineConfig(Config):
+    """``harvest`` -> ``crosscoder`` + ``train`` -> ``diff`` -> ``report``.
+
+    ``crosscoder`` holds :class:`CrosscoderConfig` fields except ``n_sources`` and
+    ``d_model`` (read from the store), plus ``expansion`` (dict size as a multiple of
+    ``d_model``). ``organism`` (optional) builds the built-in model organism first; model
+    and data paths written ``organism:base``, ``organism:chat``, ``organism:pretrain`` and
+    ``organism:chat_data`` then point into it.
+    """
+
+    harvest: HarvestConfig
+    out: str = "runs/experiment"
+    crosscoder: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    diff: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    organism: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        allowed = {f.name for f in dataclasses.fields(CrosscoderConfig)} - set(DERIVED)
+        allowed |= {"expansion"}
+        for key in self.crosscoder:
+            if key not in allowed:
+                hint = " (it is read from the activation store)" if key in DERIVED else ""
+                raise ConfigError(
+                    f"unknown key crosscoder.{key}{hint}; valid keys: {', '.join(sorted(allowed))}"
+                )
+        self.crosscoder_config(n_sources=len(self.harvest.models), d_model=4096)  # type check
+
+    def crosscoder_config(self, n_sources: int, d_model: int,
+                          source_names: list[str] | None = None) -> CrosscoderConfig:
+        """The full crosscoder config once the store's shape is known."""
+        section = dict(self.crosscoder)
+        expansion = section.pop("expansion", None)
+        if expansion is not None and (not isinstance(expansion, int) or expansion < 1):
+            raise ConfigError(f"crosscoder.expansion: expected an integer >= 1, got {expansion!r}")
+        if "dict_size" not in section:
+            section["dict_size"] = (expansion or 16) * d_model
+        if source_names and "source_names" not in section:
+            section["source_names"] = source_names
+        try:
+            return CrosscoderConfig.from_dict(
+                {**section, "n_sources": n_sources, "d_model": d_model}
+            )
+        except ConfigError as err:
+            raise ConfigError(f"crosscoder.{err}") from None

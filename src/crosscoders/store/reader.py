@@ -1,0 +1,395 @@
+"""Open, validate and read an activation store (the trainer's ``ActivationSource``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from crosscoders.errors import DataError
+from crosscoders.store import format as fmt
+from crosscoders.store.shuffle import ShufflePlan, Window
+
+DEFAULT_WINDOW_BYTES = 256 << 20  # memory of one shuffle window (stored dtype)
+DEFAULT_CHUNK_ROWS = 2048  # consecutive rows read together (locality vs shuffle quality)
+
+
+def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """Data offset, shape and dtype of an ``.npy`` file (ValueError on a corrupt header)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return handle.tell(), shape, dtype
+
+
+class ActivationStore:
+    """A finished activation store on disk: [N, S, D] rows, token ids and their provenance.
+
+    Rows are in harvest order. The last ``n_eval`` rows (rounded down to a context boundary so
+    that no context is split) are the held-out split; the rest is the training split.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], eval_tokens: int | float | None):
+        self.root = root
+        self.manifest = manifest
+        self.n_tokens: int = int(manifest["n_tokens"])
+        self.n_sources: int = int(manifest["n_sources"])
+        self.d_model: int = int(manifest["d_model"])
+        self.dtype: str = manifest["dtype"]
+        self.sources: list[dict[str, Any]] = manifest.get("sources", [])
+        self.shards: list[dict[str, Any]] = manifest["shards"]
+        sizes = [int(s["n_tokens"]) for s in self.shards]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._acts: dict[tuple[int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.window_rows = max(1, DEFAULT_WINDOW_BYTES // self.row_bytes)
+        self.chunk_rows = DEFAULT_CHUNK_ROWS
+        if eval_tokens is None:
+            eval_tokens = manifest.get("eval_tokens", 0)
+        self.n_train = self._split(eval_tokens)
+        self.n_eval = self.n_tokens - self.n_train
+
+    # -- opening and validation ------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        verify: Literal["quick", "full", "none"] = "quick",
+        eval_tokens: int | float | None = None,
+    ) -> ActivationStore:
+        """Open a store; ``verify="full"`` also checks every file's sha256.
+
+        ``eval_tokens`` overrides the held-out split recorded at harvest time: a count of
+        tokens (>= 1) or a fraction of the store (< 1).
+        """
+        root = Path(path)
+        manifest_path = root / fmt.MANIFEST
+        if not manifest_path.exists():
+            if (root / fmt.PROGRESS).exists():
+                progress = json.loads((root / fmt.PROGRESS).read_text())
+                raise DataError(
+                    f"activation store {root} is incomplete: the harvest stopped after "
+                    f"{len(progress.get('shards', []))} shard(s); run the same harvest command "
+                    "again to resume it"
+                )
+            what = "does not exist" if not root.exists() else "has no manifest.json"
+            raise DataError(f"{root} is not an activation store ({what}); harvest one first")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{manifest_path} is corrupt ({err}); re-harvest the store") from None
+        if manifest.get("format") != fmt.FORMAT_NAME:
+            raise DataError(f"{manifest_path} is not a {fmt.FORMAT_NAME} manifest")
+        if manifest.get("version", 0) > fmt.FORMAT_VERSION:
+            raise DataError(
+                f"{root} uses store format version {manifest['version']}; this crosscoders "
+                f"reads up to {fmt.FORMAT_VERSION}: upgrade crosscoders"
+            )
+        store = cls(root, manifest, eval_tokens)
+        if verify != "none":
+            store.verify(full=verify == "full")
+        return store
+
+    def verify(self, full: bool = False) -> None:
+        """Check that every shard file is present with the recorded size (and sha256 if full)."""
+        for shard in self.shards:
+            directory = fmt.shard_dir(self.root, int(shard["index"]))
+            expected_files = {"rows.npy", "contexts.npy"}
+            for s in range(self.n_sources):
+                expected_files |= {fmt.acts_name(s), fmt.stats_name(s)}
+            missing = sorted(expected_files - set(shard["files"]))
+            if missing:
+                raise DataError(
+                    f"manifest of {self.root} lists no {missing[0]} for shard {shard['index']}"
+                )
+            for name, info in shard["files"].items():
+                path = directory / name
+                where = f"shard {shard['index']} ({path.relative_to(self.root)})"
+                if not path.exists():
+                    raise DataError(f"{where} is missing from {self.root}; re-harvest the store")
+                size = path.stat().st_size
+                if size != info["bytes"]:
+                    raise DataError(
+                        f"{where} is truncated or corrupt: {size} bytes, expected {info['bytes']}; "
+                        "re-harvest the store"
+                    )
+                try:
+                    offset, shape, dtype = _npy_header(path)
+                except ValueError as err:
+                    raise DataError(f"{where} is corrupt ({err}); re-harvest the store") from None
+                if offset + int(np.prod(shape)) * dtype.itemsize != size:
+                    raise DataError(
+                        f"{where} is corrupt: its header says {shape} {dtype} but the file has "
+                        f"{size} bytes; re-harvest the store"
+                    )
+                if full and fmt.sha256_file(path) != info["sha256"]:
+                    raise DataError(
+                        f"{where} is corrupt: its sha256 does not match the manifest; re-harvest"
+                    )
+
+    def _split(self, eval_tokens: int | float) -> int:
+        """Number of training rows for a held-out split of ``eval_tokens`` (count or fraction)."""
+        if eval_tokens < 0:
+            raise DataError(f"eval_tokens must be >= 0, got {eval_tokens}")
+        n_eval = int(round(eval_tokens * self.n_tokens)) if eval_tokens < 1 else int(eval_tokens)
+        if n_eval == 0:
+            return self.n_tokens
+        if n_eval >= self.n_tokens:
+            raise DataError(
+                f"eval_tokens={eval_tokens} leaves no training tokens in {self.root} "
+                f"({self.n_tokens} tokens); ask for fewer held-out tokens"
+            )
+        boundary = self.n_tokens - n_eval
+        # Move the boundary back to the start of the context that contains it. Shards hold
+        # whole contexts, so only the boundary's shard is read.
+        shard = int(np.searchsorted(self._offsets, boundary, side="right") - 1)
+        path = fmt.shard_dir(self.root, int(self.shards[shard]["index"])) / "rows.npy"
+        contexts = np.load(path, mmap_mode="r")["context"]
+        local = boundary - int(self._offsets[shard])
+        first = int(self._offsets[shard]) + int(np.searchsorted(contexts, contexts[local]))
+        return first if first > 0 else boundary
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def row_bytes(self) -> int:
+        return self.n_sources * self.d_model * fmt.storage_dtype(self.dtype).itemsize
+
+    @cached_property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256((self.root / fmt.MANIFEST).read_bytes()).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of the data a trainer reads (refuse resume if it changes)."""
+        return {
+            "kind": "activation_store",
+            "path": str(self.root.resolve()),
+            "n_tokens": self.n_tokens,
+            "n_train": self.n_train,
+            "n_eval": self.n_eval,
+            "n_sources": self.n_sources,
+            "d_model": self.d_model,
+            "dtype": self.dtype,
+            "sources": [s.get("name") for s in self.sources],
+            "manifest_sha256": self.manifest_sha256,
+            "shuffle": {"chunk_rows": self.chunk_rows, "window_rows": self.window_rows},
+        }
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        names = ", ".join(str(s.get("name")) for s in self.sources)
+        return (
+            f"ActivationStore({str(self.root)!r}, n_tokens={self.n_tokens}, "
+            f"sources=[{names}], d_model={self.d_model}, dtype={self.dtype})"
+        )
+
+    # -- raw access --------------------------------------------------------------------------
+    def _shard_acts(self, shard: int, source: int) -> np.ndarray:
+        key = (shard, source)
+        array = self._acts.get(key)
+        if array is None:
+            path = fmt.shard_dir(self.root, shard) / fmt.acts_name(source)
+            offset, shape, dtype = _npy_header(path)
+            array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+            with self._lock:
+                self._acts[key] = array
+        return array
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` in the stored dtype, [n, S, D] (bf16 as uint16 bits)."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) outside the store's {self.n_tokens} rows")
+        if out is None:
+            out = np.empty(
+                (stop - start, self.n_sources, self.d_model), fmt.storage_dtype(self.dtype)
+            )
+        first = int(np.searchsorted(self._offsets, start, side="right") - 1)
+        pos = start
+        shard = first
+        while pos < stop:
+            lo, hi = int(self._offsets[shard]), int(self._offsets[shard + 1])
+            a, b = pos - lo, min(stop, hi) - lo
+            for s in range(self.n_sources):
+                out[pos - start : pos - start + b - a, s] = self._shard_acts(shard, s)[a:b]
+            pos += b - a
+            shard += 1
+        return out
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as float32 [n, S, D]."""
+        return fmt.to_float32(self.read(start, stop), self.dtype)
+
+    def gather(self, index: np.ndarray) -> torch.Tensor:
+        """Rows at sorted or unsorted indices as float32 [n, S, D]."""
+        index = np.asarray(index, dtype=np.int64)
+        out = np.empty((index.size, self.n_sources, self.d_model), fmt.storage_dtype(self.dtype))
+        order = np.argsort(index, kind="stable")
+        sorted_index = index[order]
+        shard_of = np.searchsorted(self._offsets, sorted_index, side="right") - 1
+        for shard in np.unique(shard_of):
+            sel = np.nonzero(shard_of == shard)[0]
+            local = sorted_index[sel] - self._offsets[shard]
+            for s in range(self.n_sources):
+                out[order[sel], s] = self._shard_acts(int(shard), s)[local]
+        return fmt.to_float32(out, self.dtype)
+
+    # -- tokens and provenance -----------------------------------------------------------------
+    @cached_property
+    def rows_meta(self) -> np.ndarray:
+        """[N] structured array: token, context, position, doc, doc_pos, dataset per row."""
+        parts = [
+            np.load(fmt.shard_dir(self.root, int(s["index"])) / "rows.npy") for s in self.shards
+        ]
+        return np.concatenate(parts) if parts else np.empty(0, fmt.ROW_DTYPE)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """[N] int32 token id of each row (aligned with the activations)."""
+        return self.rows_meta["token"]
+
+    @cached_property
+    def _contexts(self) -> tuple[np.ndarray, np.ndarray]:
+        """All model inputs [M, T] (-1 padded) and the global index of the first one per shard."""
+        arrays = [
+            np.load(fmt.shard_dir(self.root, int(s["index"])) / "contexts.npy") for s in self.shards
+        ]
+        width = max((a.shape[1] for a in arrays), default=0)
+        padded = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-1) for a in arrays]
+        first = np.array([int(s["seq_start"]) for s in self.shards], dtype=np.int64)
+        return (np.concatenate(padded) if padded else np.zeros((0, 0), np.int32)), first
+
+    def context_tokens(self, context: int) -> np.ndarray:
+        """Token ids fed to the model for global context index ``context`` (no padding)."""
+        contexts, _ = self._contexts
+        seq_start = int(self.shards[0]["seq_start"]) if self.shards else 0
+        ids = contexts[context - seq_start]
+        return ids[ids >= 0]
+
+    def locate(self, row: int) -> dict[str, int]:
+        """Provenance of a row: token, context (model input) and position, doc and doc_pos."""
+        rec = self.rows_meta[row]
+        return {name: int(rec[name]) for name in fmt.ROW_DTYPE.names}
+
+    def context(self, row: int, before: int = 32, after: int = 0) -> tuple[np.ndarray, int]:
+        """Token ids around ``row`` inside its model input, and the row's index in them."""
+        info = self.locate(row)
+        ids = self.context_tokens(info["context"])
+        lo = max(0, info["position"] - before)
+        hi = min(ids.size, info["position"] + after + 1)
+        return ids[lo:hi], info["position"] - lo
+
+    # -- statistics --------------------------------------------------------------------------
+    @cached_property
+    def _train_sums(self) -> np.ndarray:
+        """[S, D + 1] float64 sums of x and ||x||^2 over the training split."""
+        total = np.zeros((self.n_sources, self.d_model + 1), dtype=np.float64)
+        for shard in self.shards:
+            directory = fmt.shard_dir(self.root, int(shard["index"]))
+            for s in range(self.n_sources):
+                total[s] += np.load(directory / fmt.stats_name(s))
+        # The harvest summed every row; take the held-out rows back out (the split is small).
+        for start in range(self.n_train, self.n_tokens, 65536):
+            x = self.rows(start, min(self.n_tokens, start + 65536)).double()
+            total[:, :-1] -= x.sum(0).numpy()
+            total[:, -1] -= (x * x).sum((0, 2)).numpy()
+        return total
+
+    def mean_squared_norm(self) -> torch.Tensor | None:
+        """[S] mean of ||x_s||^2 over the training split (from harvest-time sums)."""
+        return torch.from_numpy(self._train_sums[:, -1] / self.n_train).float()
+
+    def mean(self) -> torch.Tensor:
+        """[S, D] mean activation per source over the training split."""
+        return torch.from_numpy(self._train_sums[:, :-1] / self.n_train).float()
+
+    # -- the trainer's protocol ----------------------------------------------------------------
+    def _load_window(self, window: Window) -> np.ndarray:
+        """The window's rows as [S, n, D] (stored dtype), read with plain sequential reads."""
+        buf = np.empty((self.n_sources, window.n_rows, self.d_model), fmt.storage_dtype(self.dtype))
+        pos = 0
+        for a, b in window.ranges:
+            shard = int(np.searchsorted(self._offsets, a, side="right") - 1)
+            while a < b:
+                lo, hi = int(self._offsets[shard]), int(self._offsets[shard + 1])
+                n = min(b, hi) - a
+                for s in range(self.n_sources):
+                    self._read_into(shard, s, a - lo, buf[s, pos : pos + n])
+                a, pos, shard = a + n, pos + n, shard + 1
+        return buf
+
+    def _read_into(self, shard: int, source: int, start: int, out: np.ndarray) -> None:
+        path = fmt.shard_dir(self.root, int(self.shards[shard]["index"])) / fmt.acts_name(source)
+        offset, _, dtype = _npy_header(path)
+        with open(path, "rb") as handle:
+            handle.seek(offset + start * self.d_model * dtype.itemsize)
+            if handle.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise DataError(f"{path} is shorter than its header says; re-harvest the store")
+
+    def _gather_window(self, data: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        """Rows ``index`` of a [S, n, D] window as float32 [B, S, D]."""
+        out = np.empty((index.size, self.n_sources, self.d_model), np.float32)
+        for s in range(self.n_sources):
+            fmt.to_float32_numpy(data[s][index], self.dtype, out=out[:, s])
+        return torch.from_numpy(out)
+
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """Endless shuffled float32 batches [B, S, D] of the training split.
+
+        Epochs repeat with a new shuffle; ``start=n`` yields batch ``n`` first and reads
+        only the window that holds it. The next window is read in a background thread.
+        """
+        if batch_size <= 0:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        plan = ShufflePlan(self.n_train, self.chunk_rows, self.window_rows, seed)
+        windows = plan.windows_from(start * batch_size)
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            window, offset = next(windows)
+            pending = pool.submit(self._load_window, window)
+            pieces: list[torch.Tensor] = []
+            have = 0
+            while True:
+                data = pending.result()
+                order = window.order
+                next_window, next_offset = next(windows)
+                pending = pool.submit(self._load_window, next_window)
+                while offset < order.size:
+                    take = min(batch_size - have, order.size - offset)
+                    pieces.append(self._gather_window(data, order[offset : offset + take]))
+                    offset += take
+                    have += take
+                    if have == batch_size:
+                        yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                        pieces, have = [], 0
+                del data
+                window, offset = next_window, next_offset
+        finally:
+            try:
+                pool.shutdown(wait=False, cancel_futures=True)
+            except Exception:  # interpreter shutdown: the pool's modules are already gone
+                pass
+
+    def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The held-out rows, in order, as float32 batches [B, S, D] (the last may be short)."""
+        for start in range(self.n_train, self.n_tokens, batch_size):
+            yield self.rows(start, min(self.n_tokens, start + batch_size))
+
+    def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
+        """``min(n_tokens, n_train)`` random training rows [n, S, D] float32."""
+        n = min(int(n_tokens), self.n_train)
+        index = np.random.default_rng(seed).choice(self.n_train, size=n, replace=False)
+        return self.gather(np.sort(index))
