@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -354,11 +355,23 @@ def test_benchmark_runs_every_activation_end_to_end():
     assert set(result.to_dict()["results"]) == set(activations)
 
 
+@pytest.mark.slow  # 15-30 s on the shared 2-core CPU (one thread)
 def test_batchtopk_recovers_and_labels_planted_features_at_defaults():
-    """The acceptance numbers quoted in docs/synthetic.md (defaults, one seed; ~15 s)."""
+    """The acceptance numbers quoted in docs/synthetic.md (defaults, one seed)."""
     result = run_planted_benchmark(PlantedConfig(), ("batchtopk",), num_threads=1)
     r = result.results["batchtopk"]
     assert r.match.frac_recovered >= 0.9
     for category in ("chat_only", "base_only"):
         assert r.scores[category].recall >= 0.9, category
         assert r.scores[category].precision >= 0.9, category
+
+
+def test_result_json_has_no_nan(data):
+    V = data.directions_PSD
+    W = V[np.array(data.categories) == "shared"]  # nothing is labelled exclusive
+    match, labels, confusion, scores = score_decoder(W, data, preset="anthropic")
+    r = ActivationResult(
+        "x", W, match, labels, np.ones(len(W), bool), confusion, scores, [0.0, 0.0], 1.0, 0.0
+    )
+    assert r.to_dict()["scores"]["chat_only"]["precision"] is None
+    json.dumps(r.to_dict(), allow_nan=False)

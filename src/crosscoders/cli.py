@@ -86,7 +86,13 @@ def _add_bench(sub) -> None:
     s = bench.add_parser("synthetic", help="planted-feature recovery and diffing labels")
     s.add_argument("--activations", nargs="+", default=["relu", "batchtopk"])
     s.add_argument("--steps", type=int)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the planted data")
+    s.add_argument("--k", type=int)
+    s.add_argument("--dict-size", type=int)
+    s.add_argument("--l1-coeff", type=float)
+    s.add_argument("--preset", choices=["anthropic", "kissane", "minder"], default="minder")
+    s.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription "
+                                               "on small shared CPUs)")
     s.add_argument("--json", help="also write the results as JSON to this file")
     s.set_defaults(func=_run_bench_synthetic)
     try:
@@ -111,9 +117,11 @@ def _run_bench_synthetic(args) -> int:
         run_planted_benchmark,
     )
 
-    kwargs = {"activations": tuple(args.activations)}
-    if args.steps:
-        kwargs["steps"] = args.steps
+    kwargs = {"activations": tuple(args.activations), "preset": args.preset,
+              "num_threads": args.threads}
+    for name in ("steps", "k", "dict_size", "l1_coeff"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     result = run_planted_benchmark(PlantedConfig(seed=args.seed), **kwargs)
     print(format_benchmark_table(result))
     if args.json:

@@ -416,14 +416,20 @@ def score_decoder(
     method: Literal["hungarian", "max"] = "hungarian",
     threshold: float = 0.9,
     alive_F: Sequence[bool] | np.ndarray | None = None,
+    norm_scale_S: torch.Tensor | None = None,
 ) -> tuple[MatchResult, np.ndarray, ConfusionMatrix, dict[str, CategoryScore]]:
     """Match, label (base = source 0, chat = source 1), and score a decoder against the truth.
 
-    Returns the match, the [F] labels, the confusion matrix by planted kind, and the
-    per-category precision/recall.
+    Matching uses the raw decoder (the planted directions are raw); labels use decoder
+    norms scaled by ``norm_scale_S`` (a crosscoder's ``folded_scale_S``: the normalised
+    units its sparsity saw, as the diffing table does). Returns the match, the [F] labels,
+    the confusion matrix by planted kind, and the per-category precision/recall.
     """
     match = match_latents(W_dec_FSD, data.directions_PSD, method=method, threshold=threshold)
-    labels_F = classify_latents(W_dec_FSD, base=0, chat=1, preset=preset)
+    W_label_FSD = torch.as_tensor(W_dec_FSD)
+    if norm_scale_S is not None:
+        W_label_FSD = W_label_FSD * torch.as_tensor(norm_scale_S)[None, :, None]
+    labels_F = classify_latents(W_label_FSD, base=0, chat=1, preset=preset)
     predicted_P = [labels_F[i] if i >= 0 else MISSED for i in match.latent_P]
     confusion = confusion_matrix(predicted_P, data.kinds, match.recovered_P)
     scores = precision_recall(labels_F, match, data.categories, alive_F)
@@ -432,6 +438,11 @@ def score_decoder(
 
 # --------------------------------------------------------------------------------------------
 # Benchmark
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN (an undefined precision or recall) becomes None, which JSON can hold."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
 
 
 @dataclasses.dataclass
@@ -460,7 +471,7 @@ class ActivationResult:
             "train_seconds": self.train_seconds,
             "label_counts": {c: int((self.labels_F[self.alive_F] == c).sum()) for c in CATEGORIES},
             "confusion": self.confusion.to_dict(),
-            "scores": {c: dataclasses.asdict(s) for c, s in self.scores.items()},
+            "scores": {c: _json_safe(dataclasses.asdict(s)) for c, s in self.scores.items()},
         }
 
 
@@ -557,7 +568,8 @@ def _train_and_score(
     fvu_S, l0, alive_F = _evaluate(model, eval_NSD)
     W_dec_FSD = model.W_dec.detach().cpu()
     match, labels_F, confusion, scores = score_decoder(
-        W_dec_FSD, data, thresholds, settings["method"], settings["threshold"], alive_F
+        W_dec_FSD, data, thresholds, settings["method"], settings["threshold"], alive_F,
+        model.folded_scale_S.detach().cpu(),
     )
     return ActivationResult(
         activation, W_dec_FSD, match, labels_F, alive_F, confusion, scores, fvu_S, l0, seconds
