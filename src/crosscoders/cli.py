@@ -150,7 +150,7 @@ def _run_pipeline(args) -> int:
     if args.out:
         config = config.replace(out=args.out)
     result = run_pipeline(config, progress=not args.no_progress)
-    print(format_summary(result))
+    print(format_summary(result, result.token_strings()))
     return 0
 
 
@@ -168,7 +168,7 @@ def _run_demo(args) -> int:
 
     config = load_example("demo").replace(out=args.out)
     result = run_pipeline(config, progress=not args.no_progress)
-    print(format_summary(result))
+    print(format_summary(result, result.token_strings()))
     return 0
 
 

@@ -7,13 +7,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crosscoders.configs import Config
+from crosscoders.diff.run import DiffConfig
 from crosscoders.errors import ConfigError
 from crosscoders.harvest.config import HarvestConfig
 from crosscoders.model import CrosscoderConfig
+from crosscoders.organism import OrganismConfig
 from crosscoders.train import TrainConfig
 
 #: crosscoder fields the pipeline fills in from the activation store
 DERIVED = ("n_sources", "d_model")
+
+
+@dataclass
+class ReportSection(Config):
+    """The HTML report: its title and how many example contexts each latent card shows."""
+
+    title: str | None = None
+    max_examples: int = 20
 
 
 @dataclass
@@ -31,9 +41,9 @@ class PipelineConfig(Config):
     out: str = "runs/experiment"
     crosscoder: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    diff: dict[str, Any] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    organism: dict[str, Any] | None = None
+    diff: DiffConfig = field(default_factory=DiffConfig)
+    report: ReportSection = field(default_factory=ReportSection)
+    organism: OrganismConfig | None = None
 
     def validate(self) -> None:
         allowed = {f.name for f in dataclasses.fields(CrosscoderConfig)} - set(DERIVED)

@@ -19,6 +19,7 @@ ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
 class PipelineResult:
     out: Path
     stages: dict[str, StageOutcome] = field(default_factory=dict)
+    organism: Any = None
 
     @property
     def store_dir(self) -> Path:
@@ -31,6 +32,16 @@ class PipelineResult:
     @property
     def diff_dir(self) -> Path:
         return self.out / "diff"
+
+    harvest: Any = None  # the harvest config with organism paths resolved
+
+    def token_strings(self):
+        """id list -> token strings, from the first model's tokenizer (None if unavailable)."""
+        from crosscoders.harvest import load_tokenizer
+
+        if self.harvest is None:
+            return None
+        return load_tokenizer(self.harvest.models[0]).convert_ids_to_tokens
 
     @property
     def report_path(self) -> Path | None:
@@ -48,19 +59,22 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
     upstream: list[str] = []
 
     if config.organism is not None:
-        organism = run_stage("organism", out / "organism", config.organism, [],
-                             lambda d: _build_organism(config.organism, d, progress),
-                             log, load=_load_organism)
-        result.stages["organism"] = organism
-        harvest_cfg = _resolve_organism_paths(harvest_cfg, organism.result)
-        upstream = [organism.hash]
+        from crosscoders.organism import build_organism
+
+        log("organism: building or reusing the cached model organism")
+        organism = build_organism(config.organism, progress=progress)
+        result.organism = organism
+        harvest_cfg = _resolve_organism_paths(harvest_cfg, organism)
+        upstream = [config.organism.cache_key()]
     elif _uses_organism(harvest_cfg):
         raise ConfigError("harvest refers to organism:... paths but the config has no "
                           "'organism' section; add 'organism: {}'")
 
+    from crosscoders.diff.run import run_diff
     from crosscoders.harvest import harvest
     from crosscoders.store import ActivationStore
 
+    result.harvest = harvest_cfg
     stage = run_stage("harvest", result.store_dir, harvest_cfg.to_dict(), upstream,
                       lambda d: harvest(harvest_cfg, d, progress=progress), log)
     result.stages["harvest"] = stage
@@ -76,13 +90,15 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
     )
     result.stages["train"] = stage
 
-    stage = run_stage("diff", result.diff_dir, config.diff, [stage.hash],
-                      lambda d: _diff(result.run_dir, store, d, config.diff, progress), log)
+    models = dict(zip(harvest_cfg.model_names(), (m.path for m in harvest_cfg.models)))
+    diff_cfg = config.diff.replace(progress=progress and config.diff.progress)
+    stage = run_stage("diff", result.diff_dir, config.diff.to_dict(), [stage.hash],
+                      lambda d: run_diff(result.run_dir, store, d, diff_cfg, models), log)
     result.stages["diff"] = stage
 
     report_dir = out / "report"
-    stage = run_stage("report", report_dir, config.report, [stage.hash],
-                      lambda d: _report(result, d, config.report), log,
+    stage = run_stage("report", report_dir, config.report.to_dict(), [stage.hash],
+                      lambda d: _report(result, d, config.report, harvest_cfg), log,
                       load=lambda d: d / "report.html")
     result.stages["report"] = stage
     return result
@@ -91,19 +107,6 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
 def _uses_organism(harvest_cfg) -> bool:
     paths = [m.path for m in harvest_cfg.models] + [d.path for d in harvest_cfg.data]
     return any(p in ORGANISM_PLACEHOLDERS for p in paths)
-
-
-def _build_organism(section: dict[str, Any], directory: Path, progress: bool):
-    from crosscoders.organism import OrganismConfig, build_organism
-
-    return build_organism(OrganismConfig.from_dict(section), cache_dir=directory,
-                          progress=progress)
-
-
-def _load_organism(directory: Path):
-    from crosscoders.organism import load_organism
-
-    return load_organism(directory)
 
 
 def _resolve_organism_paths(harvest_cfg, organism):
@@ -127,17 +130,15 @@ def _train(cc_config, store, train_cfg, directory: Path):
     return train(cc_config, store, train_cfg, run_dir=directory)
 
 
-def _diff(run_dir: Path, store, directory: Path, section: dict[str, Any], progress: bool):
-    from crosscoders.diff.run import run_diff
-
-    return run_diff(run_dir, store, directory, progress=progress, **section)
-
-
-def _report(result: PipelineResult, directory: Path, section: dict[str, Any]) -> Path:
+def _report(result: PipelineResult, directory: Path, section, harvest_cfg) -> Path:
+    from crosscoders.harvest import load_tokenizer
     from crosscoders.report import build_report
 
+    tokenizer = load_tokenizer(harvest_cfg.models[0])
     return build_report(result.diff_dir, run_dir=result.run_dir,
-                        out=directory / "report.html", **section)
+                        out=directory / "report.html", title=section.title,
+                        max_examples=section.max_examples,
+                        token_strings=tokenizer.convert_ids_to_tokens)
 
 
 def read_summary(result: PipelineResult) -> dict[str, Any]:

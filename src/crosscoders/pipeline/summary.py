@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +15,44 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def top_chat_only(diff_dir: Path, n: int = 5) -> list[dict[str, Any]]:
-    """The most clearly chat-only latents that fire, with their top tokens if known."""
+def top_chat_leaning(diff_dir: Path, token_strings: Callable[[list[int]], list[str]] | None,
+                     n: int = 5) -> list[dict[str, Any]]:
+    """The ``n`` firing latents with the highest relative norm (most chat-specific), with
+    their category and the tokens they fire most strongly on."""
     import pandas as pd
 
     path = diff_dir / "latents.parquet"
     if not path.exists():
         return []
     df = pd.read_parquet(path)
-    chat = df[(df["category"] == "chat_only") & (df.get("freq", 1) > 0)]
-    order = "truly_chat_only" if "truly_chat_only" in chat else "rel_norm"
-    chat = chat.sort_values([order, "rel_norm"], ascending=False).head(n)
-    tokens = _top_tokens(diff_dir)
-    return [{"latent": int(r.latent), "rel_norm": float(r.rel_norm),
-             "freq": float(getattr(r, "freq", float("nan"))),
-             "top_tokens": tokens.get(int(r.latent), [])} for r in chat.itertuples()]
+    if "freq" in df:
+        df = df[df["freq"] > 0]
+    rows = df.sort_values("rel_norm", ascending=False).head(n)
+    examples = diff_dir / "examples.db"
+    out = []
+    for r in rows.itertuples():
+        ids = top_token_ids(examples, int(r.latent)) if examples.exists() else []
+        tokens = token_strings(ids) if token_strings and ids else [str(i) for i in ids]
+        out.append({"latent": int(r.latent), "rel_norm": float(r.rel_norm),
+                    "category": r.category, "freq": float(getattr(r, "freq", float("nan"))),
+                    "top_tokens": tokens})
+    return out
 
 
-def _top_tokens(diff_dir: Path) -> dict[int, list[str]]:
-    path = diff_dir / "top_tokens.json"
-    if not path.exists():
-        return {}
-    return {int(k): v for k, v in json.loads(path.read_text()).items()}
+def top_token_ids(examples_db: Path, latent: int, n: int = 5) -> list[int]:
+    """The most frequent tokens among a latent's top-activating examples (centre tokens)."""
+    from crosscoders.diff.examples import load_examples
+
+    records = load_examples(examples_db, latent=latent, kind="top")
+    centres = [r["tokens"][r["center"]] for r in records
+               if r.get("tokens") and r.get("center") is not None]
+    return [tok for tok, _ in Counter(centres).most_common(n)]
 
 
-def format_summary(result: PipelineResult) -> str:
+def format_summary(result: PipelineResult,
+                   token_strings: Callable[[list[int]], list[str]] | None = None) -> str:
+    """Counts per category, FVU per model, L0, dead fraction, the most chat-specific
+    latents with their top tokens, and where the report is."""
     summary_path = result.diff_dir / "summary.json"
     lines = [f"experiment: {result.out}"]
     for name, outcome in result.stages.items():
@@ -55,13 +70,13 @@ def format_summary(result: PipelineResult) -> str:
         for key in ("l0", "dead_frac"):
             if key in summary:
                 lines.append(f"{key}: {_fmt(summary[key])}")
-    top = top_chat_only(result.diff_dir)
+    top = top_chat_leaning(result.diff_dir, token_strings)
     if top:
-        lines.append("top chat-only latents:")
+        lines.append("most chat-specific latents (highest relative decoder norm):")
         for row in top:
-            toks = " ".join(repr(t) for t in row["top_tokens"][:8])
-            lines.append(f"  #{row['latent']:<6d} rel_norm {row['rel_norm']:.2f} "
-                         f"freq {row['freq']:.2g}  {toks}")
+            toks = " ".join(repr(t) for t in row["top_tokens"])
+            lines.append(f"  #{row['latent']:<6d} {row['category']:9s} rel_norm "
+                         f"{row['rel_norm']:.2f} freq {row['freq']:.2g}  fires on: {toks}")
     if result.report_path:
         lines.append(f"report: {result.report_path}")
     return "\n".join(lines)

@@ -1,0 +1,332 @@
+"""The planted benchmark extended with the two cases that make L1 crosscoders fail.
+
+On top of ``crosscoders.synthetic`` (shared, rotated, base-only, chat-only features, and
+``shared_weaker``: a shared feature ``weaker_fraction`` times as strong in one model, the
+**complete shrinkage** case: L1 tends to drop the weak side's decoder and call the latent
+exclusive), this adds
+
+- ``shared_decoupled`` (**latent decoupling**): one concept present in both models, firing
+  on the same tokens, written by a different direction in each model (cosine in
+  ``[decoupled_cos_min, decoupled_cos_max]``) and with magnitudes that vary independently
+  in the two models (log-normal, ``decoupled_sigma``). The L1 penalty with the sum of
+  per-source decoder norms costs the same for one shared latent as for a base-only plus a
+  chat-only latent firing together, and the pair reconstructs the independent magnitudes
+  better, so L1 is free to split the concept. BatchTopK pays one extra active latent for a
+  split.
+
+:func:`run_diffing_benchmark` trains an L1 (ReLU) and a BatchTopK crosscoder on the same
+data, builds each one's latent table (relative-norm category and Latent Scaling, one pass)
+and scores the labels against the planted truth twice: the category alone, and with Latent
+Scaling (an exclusive latent that is not "truly exclusive" is relabelled shared).
+:func:`format_diffing_table` prints the one table; ``crosscoders bench diffing`` runs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosscoders.configs import Config
+from crosscoders.diff.categories import CATEGORIES, get_thresholds
+from crosscoders.diff.latent_scaling import TrulyExclusiveRule
+from crosscoders.diff.table import latent_table, normalised_decoder
+from crosscoders.errors import ConfigError
+from crosscoders.synthetic import (
+    KIND_TO_CATEGORY,
+    PlantedConfig,
+    PlantedData,
+    make_planted_data,
+    match_latents,
+    precision_recall,
+)
+
+DECOUPLED = "shared_decoupled"
+EXCLUSIVE = ("base_only", "chat_only")
+
+
+@dataclasses.dataclass
+class DiffingBenchConfig(Config):
+    """Planted data (``planted``), the decoupled features added to it, and training."""
+
+    planted: PlantedConfig = dataclasses.field(default_factory=lambda: PlantedConfig(
+        d_model=32, n_shared=24, n_shared_rotated=0, n_shared_weaker=16, n_base_only=8,
+        n_chat_only=8, fire_prob=0.03, weaker_fraction=0.3, n_tokens=32768))
+    n_decoupled: int = 12
+    decoupled_sigma: float = 0.5
+    decoupled_cos_min: float = 0.85
+    decoupled_cos_max: float = 0.95
+    activations: list[str] = dataclasses.field(default_factory=lambda: ["relu", "batchtopk"])
+    dict_size: int = 128
+    k: int = 4
+    steps: int = 1500
+    batch_size: int = 512
+    lr: float = 1e-3
+    l1_coeff: float | None = None
+    preset: str = "minder"
+    match_threshold: float = 0.9
+    rule: TrulyExclusiveRule = dataclasses.field(default_factory=TrulyExclusiveRule)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.n_decoupled < 0:
+            raise ConfigError(f"n_decoupled={self.n_decoupled} must be >= 0")
+        if not 0 <= self.decoupled_cos_min <= self.decoupled_cos_max <= 1:
+            raise ConfigError("need 0 <= decoupled_cos_min <= decoupled_cos_max <= 1")
+        if self.decoupled_sigma < 0:
+            raise ConfigError(f"decoupled_sigma={self.decoupled_sigma} must be >= 0")
+        unknown = set(self.activations) - {"relu", "topk", "batchtopk", "jumprelu"}
+        if unknown:
+            raise ConfigError(f"unknown activation {sorted(unknown)[0]!r} in activations")
+        get_thresholds(self.preset)
+
+
+def make_diffing_data(cfg: DiffingBenchConfig) -> PlantedData:
+    """Planted data of ``cfg.planted`` plus ``cfg.n_decoupled`` decoupled shared concepts."""
+    base = make_planted_data(cfg.planted)
+    if cfg.n_decoupled == 0:
+        return base
+    n, D, N = cfg.n_decoupled, cfg.planted.d_model, cfg.planted.n_tokens
+    gen = torch.Generator().manual_seed(cfg.planted.seed + 7919)
+    u = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    u /= u.norm(dim=-1, keepdim=True)
+    w = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    w -= (w * u).sum(-1, keepdim=True) * u
+    w /= w.norm(dim=-1, keepdim=True)
+    lo, hi = cfg.decoupled_cos_min, cfg.decoupled_cos_max
+    cos = lo + (hi - lo) * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    v = cos * u + torch.sqrt(1 - cos**2) * w
+    dirs_P2D = torch.stack([u, v], dim=1).float()
+    fires = torch.rand(N, n, generator=gen) < cfg.planted.fire_prob
+    s = cfg.decoupled_sigma
+    common = torch.exp(cfg.planted.magnitude_sigma * torch.randn(N, n, generator=gen)
+                       - cfg.planted.magnitude_sigma**2 / 2)
+    codes_N2P = torch.stack([
+        torch.where(fires, common * torch.exp(s * torch.randn(N, n, generator=gen) - s**2 / 2),
+                    torch.zeros(()))
+        for _ in range(2)], dim=1)
+    acts = base.acts_NSD + torch.einsum("nsp,psd->nsd", codes_N2P, dirs_P2D)
+    return PlantedData(
+        acts_NSD=acts.contiguous(),
+        directions_PSD=torch.cat([base.directions_PSD, dirs_P2D]),
+        codes_NP=torch.cat([base.codes_NP, codes_N2P.mean(1)], dim=1),
+        kinds=[*base.kinds, *[DECOUPLED] * n],
+        categories=[*base.categories, *["shared"] * n],
+        config=base.config,
+    )
+
+
+def _source_nearest(W_FSD: torch.Tensor, dirs_PSD: torch.Tensor, source: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, the planted feature whose direction in ``source`` is closest (cosine)."""
+    a = W_FSD[:, source].double()
+    b = dirs_PSD[:, source].double()
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    cos = a @ b.T
+    return cos.argmax(1).numpy(), cos.max(1).values.numpy()
+
+
+@dataclasses.dataclass
+class LabelScore:
+    """Scores of one labelling of one crosscoder."""
+
+    labels: np.ndarray
+    recall: dict[str, float]
+    precision: dict[str, float]
+    n_labelled: dict[str, int]
+    origin: dict[str, dict[str, int]]  # exclusive label -> planted kind it writes -> count
+
+
+def _score_labels(labels: np.ndarray, alive: np.ndarray, W_FSD: torch.Tensor,
+                  data: PlantedData, match: Any) -> LabelScore:
+    scores = precision_recall(labels, match, data.categories, alive)
+    kinds = np.asarray(data.kinds)
+    origin: dict[str, dict[str, int]] = {}
+    for label, side in (("chat_only", 1), ("base_only", 0)):
+        nearest, cos = _source_nearest(W_FSD, data.directions_PSD, side)
+        sel = alive & (labels == label)
+        named = np.where(cos[sel] > 0.7, kinds[nearest[sel]], "unmatched")
+        origin[label] = {k: int((named == k).sum()) for k in dict.fromkeys(named)}
+    return LabelScore(
+        labels=labels,
+        recall={c: s.recall for c, s in scores.items()},
+        precision={c: s.precision for c, s in scores.items()},
+        n_labelled={c: int((alive & (labels == c)).sum()) for c in CATEGORIES},
+        origin=origin,
+    )
+
+
+def with_latent_scaling(df: Any) -> np.ndarray:
+    """Labels after Latent Scaling: exclusive latents that are not truly exclusive (or were
+    not scaled) become ``shared``."""
+    labels = df["category"].to_numpy().astype(object)
+    truly = {"chat_only": df["truly_chat_only"].to_numpy(),
+             "base_only": df["truly_base_only"].to_numpy()}
+    for label in EXCLUSIVE:
+        labels[(labels == label) & ~truly[label]] = "shared"
+    return labels.astype(str)
+
+
+def run_diffing_benchmark(cfg: DiffingBenchConfig | None = None, progress: bool = False
+                          ) -> dict[str, Any]:
+    """Train each activation on the extended planted data and score both labellings.
+
+    Returns a JSON-able dict: settings, and per activation the FVU, L0, alive count,
+    Latent Scaling medians, and per labelling (``rel_norm``, ``latent_scaling``) recall,
+    precision, label counts and the planted kind each exclusive label writes.
+    """
+    from crosscoders import CrosscoderConfig, TrainConfig, train
+
+    cfg = cfg or DiffingBenchConfig()
+    data = make_diffing_data(cfg)
+    out: dict[str, Any] = {"config": cfg.to_dict(), "kinds": _kind_counts(data), "results": {}}
+    for activation in cfg.activations:
+        arch: dict[str, Any] = {"activation": activation}
+        if activation in ("topk", "batchtopk"):
+            arch["k"] = cfg.k
+        model_cfg = CrosscoderConfig(n_sources=2, d_model=cfg.planted.d_model,
+                                     dict_size=cfg.dict_size, source_names=["base", "chat"],
+                                     seed=cfg.seed, **arch)
+        tkw: dict[str, Any] = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                               "seed": cfg.seed, "progress": progress, "eval_tokens": 0}
+        if activation == "relu" and cfg.l1_coeff is not None:
+            tkw["l1_coeff"] = cfg.l1_coeff
+        start = time.perf_counter()
+        model = train(model_cfg, data.acts_NSD, TrainConfig(**tkw)).eval()
+        seconds = time.perf_counter() - start
+        table = latent_table(model, data.acts_NSD, preset=cfg.preset, rule=cfg.rule,
+                             latent_scaling="auto", progress=progress)
+        df = table.df
+        alive = df["freq"].to_numpy() > 0
+        W = normalised_decoder(model)
+        match = match_latents(W, data.directions_PSD, threshold=cfg.match_threshold)
+        plain = _score_labels(df["category"].to_numpy().astype(str), alive, W, data, match)
+        scaled = _score_labels(with_latent_scaling(df), alive, W, data, match)
+        out["results"][activation] = {
+            "fvu": table.summary["fvu"],
+            "l0": table.summary["l0"],
+            "alive": int(alive.sum()),
+            "recovery": match.recovery,
+            "train_seconds": seconds,
+            "latent_scaling": table.summary.get("latent_scaling"),
+            "labels": {"rel_norm": _to_dict(plain), "latent_scaling": _to_dict(scaled)},
+        }
+    return out
+
+
+def _kind_counts(data: PlantedData) -> dict[str, int]:
+    return {k: data.kinds.count(k) for k in dict.fromkeys(data.kinds)}
+
+
+def _to_dict(score: LabelScore) -> dict[str, Any]:
+    d = dataclasses.asdict(score)
+    d.pop("labels")
+    return d
+
+
+def _num(x: float) -> str:
+    return "  -" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def format_diffing_table(result: dict[str, Any]) -> str:
+    """The ground-truth table: per activation and labelling, recall R / precision P of each
+    category, how many alive latents carry each exclusive label, and which planted kind the
+    exclusive latents actually write (by per-source decoder cosine > 0.7)."""
+    cfg = result["config"]
+    kinds = ", ".join(f"{k} {n}" for k, n in result["kinds"].items())
+    p = cfg["planted"]
+    rule = cfg["rule"]
+    lines = [
+        f"planted: {kinds} (d_model {p['d_model']}, {p['n_tokens']} tokens, shared_weaker at "
+        f"{p['weaker_fraction']}x, decoupled cos {cfg['decoupled_cos_min']}-"
+        f"{cfg['decoupled_cos_max']} sigma {cfg['decoupled_sigma']})",
+        f"crosscoders: dict {cfg['dict_size']}, k {cfg['k']}, {cfg['steps']} steps x "
+        f"{cfg['batch_size']}; labels: preset {cfg['preset']}; Latent Scaling: truly exclusive "
+        f"if nu_r < {rule['nu_r_max']} and nu_eps < {rule['nu_eps_max']}, else relabelled shared",
+        "",
+    ]
+    head = (f"{'activation':<10} {'labels':<14} {'shared R/P':>11} {'base R/P':>11} "
+            f"{'chat R/P':>11} {'#base':>5} {'#chat':>5}  FVU b/c    L0")
+    lines += [head, "-" * len(head)]
+    for act, res in result["results"].items():
+        for name, lab in res["labels"].items():
+            rp = [f"{_num(lab['recall'][c])}/{_num(lab['precision'][c])}"
+                  for c in ("shared", "base_only", "chat_only")]
+            fvu = "/".join(f"{v:.2f}" for v in res["fvu"].values())
+            lines.append(
+                f"{act:<10} {name:<14} {rp[0]:>11} {rp[1]:>11} {rp[2]:>11} "
+                f"{lab['n_labelled']['base_only']:>5} {lab['n_labelled']['chat_only']:>5}  "
+                f"{fvu:<9} {res['l0']:5.1f}")
+    lines += ["", "what the exclusive latents write (planted kind: count)"]
+    for act, res in result["results"].items():
+        for name, lab in res["labels"].items():
+            for label in EXCLUSIVE:
+                origin = ", ".join(f"{k} {n}" for k, n in sorted(lab["origin"][label].items()))
+                lines.append(f"  {act:<10} {name:<14} {label:<9}: {origin or '-'}")
+    lines += ["", "Latent Scaling medians (chat-only latents vs random shared control)"]
+    for act, res in result["results"].items():
+        ls = res["latent_scaling"] or {}
+        nr, ne = ls.get("median_nu_r", {}), ls.get("median_nu_eps", {})
+        lines.append(
+            f"  {act:<10} nu_r {_num(nr.get('chat_only'))} vs {_num(nr.get('shared_control'))}"
+            f", nu_eps {_num(ne.get('chat_only'))} vs {_num(ne.get('shared_control'))}; "
+            f"truly chat-only {ls.get('n_truly_chat_only')}/{ls.get('n_chat_only_scaled')}, "
+            f"truly base-only {ls.get('n_truly_base_only')}/{ls.get('n_base_only_scaled')}")
+    return "\n".join(lines)
+
+
+def add_bench_diffing_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``crosscoders bench diffing``."""
+    parser.add_argument("--activations", nargs="+", choices=["relu", "topk", "batchtopk"],
+                        help="crosscoders to train (default: relu batchtopk)")
+    parser.add_argument("--steps", type=int, help="training steps per crosscoder")
+    parser.add_argument("--seed", type=int, default=0, help="data and training seed")
+    parser.add_argument("--preset", choices=["anthropic", "kissane", "minder"],
+                        help="category thresholds (default: minder)")
+    parser.add_argument("--config", help="YAML/JSON DiffingBenchConfig (flags override it)")
+    parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.set_defaults(func=bench_diffing_from_args)
+
+
+def bench_diffing_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed flags and print the table."""
+    cfg = DiffingBenchConfig.load(args.config) if args.config else DiffingBenchConfig()
+    changes: dict[str, Any] = {}
+    if args.activations:
+        changes["activations"] = list(args.activations)
+    if args.steps:
+        changes["steps"] = args.steps
+    if args.preset:
+        changes["preset"] = args.preset
+    if args.seed:
+        changes["seed"] = args.seed
+        changes["planted"] = cfg.planted.replace(seed=args.seed)
+    cfg = cfg.replace(**changes)
+    result = run_diffing_benchmark(cfg, progress=args.progress)
+    print(format_diffing_table(result))
+    if args.json:
+        from crosscoders.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+__all__ = [
+    "DECOUPLED",
+    "KIND_TO_CATEGORY",
+    "DiffingBenchConfig",
+    "add_bench_diffing_arguments",
+    "bench_diffing_from_args",
+    "format_diffing_table",
+    "make_diffing_data",
+    "run_diffing_benchmark",
+    "with_latent_scaling",
+]

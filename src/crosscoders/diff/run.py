@@ -1,0 +1,301 @@
+"""``diff``: the whole analysis of a crosscoder over a base/chat pair, written to one folder.
+
+    run_diff(RUN_DIR or Crosscoder, STORE or tensor [N, S, D], OUT_DIR, DiffConfig(...),
+             models={"base": path, "chat": path})
+
+Writes to ``OUT_DIR``:
+
+- ``latents.parquet`` / ``latents.csv`` / ``summary.json``: the latent table (one pass:
+  activation statistics, Latent Scaling and example collection ride on the same read);
+- ``examples.db``: top and sampled activating examples with context (SQLite);
+- ``similarity.json``: CKA and SVCCA between the base and chat sites (a second pass of
+  second moments, capped at ``similarity_tokens``);
+- with models: ``causal.json`` (splice CE recovered / KL per source, Minder's patch test for
+  chat-only, truly chat-only and a random shared control), ``lens.json`` (activation-
+  difference lens through the chat model's unembedding), ``steering.json`` (optional);
+- ``diff_config.json``: the config used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosscoders.configs import Config
+from crosscoders.diff.categories import CategoryThresholds
+from crosscoders.diff.examples import ExampleCollector, save_examples
+from crosscoders.diff.latent_scaling import TrulyExclusiveRule
+from crosscoders.diff.similarity import similarity_matrix
+from crosscoders.diff.stats import HeadRows, StoreRows, as_rows
+from crosscoders.diff.table import latent_table, resolve_source
+from crosscoders.errors import ConfigError
+from crosscoders.io import atomic_write_text
+
+
+@dataclasses.dataclass
+class DiffConfig(Config):
+    """What ``diff`` computes. Sources are crosscoder source names or indices; store source
+    names (``model/site``) and model names also work when a store is given."""
+
+    base: int | str | None = None
+    chat: int | str | None = None
+    preset: str = "minder"
+    thresholds: CategoryThresholds | None = None  # custom thresholds (override preset)
+    latent_scaling: str = "auto"  # auto | all | none
+    max_ls_latents: int | None = None
+    rule: TrulyExclusiveRule = dataclasses.field(default_factory=TrulyExclusiveRule)
+    examples: str = "exclusive"  # exclusive (every latent not labelled shared) | all | none
+    n_top: int = 10
+    n_samples: int = 10
+    window_before: int = 16
+    window_after: int = 4
+    special_ids: list[int] | None = None  # None: the store's excluded/BOS/EOS/PAD ids
+    max_tokens: int | None = None
+    batch_size: int = 4096
+    similarity_tokens: int = 200_000
+    causal_contexts: int = 16
+    first_n: int = 5
+    lens_positions: int = 5
+    lens_top: int = 20
+    steer_prompts: list[str] = dataclasses.field(default_factory=list)
+    steer_latents: int = 3
+    seed: int = 42
+    device: str = "cpu"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.latent_scaling not in ("auto", "all", "none"):
+            raise ConfigError(f"latent_scaling={self.latent_scaling!r}: use auto, all or none")
+        if self.examples not in ("exclusive", "all", "none"):
+            raise ConfigError(f"examples={self.examples!r}: use exclusive, all or none")
+        for name in ("batch_size", "first_n", "lens_positions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _source_index(model: Any, store_sources: list[dict], key: int | str) -> int:
+    names = model.config.names
+    key = str(key)
+    if key in names or key.lstrip("-").isdigit():
+        return resolve_source(model, key)
+    for i, s in enumerate(store_sources):
+        if key == s.get("name"):
+            return i
+    for i, s in enumerate(store_sources):
+        if key == s.get("model"):
+            return i
+    known = names + [str(s.get("name")) for s in store_sources]
+    raise ConfigError(f"no source {key!r}; known sources: {', '.join(dict.fromkeys(known))}")
+
+
+def resolve_pair(model: Any, store_sources: list[dict], base: int | str | None,
+                 chat: int | str | None) -> tuple[int, int]:
+    """Base and chat source indices (defaults: source 0, and the first source of another
+    model at the same site, else source 1)."""
+    b = 0 if base is None else _source_index(model, store_sources, base)
+    if chat is not None:
+        c = _source_index(model, store_sources, chat)
+    elif store_sources and "model" in store_sources[b]:
+        same = [i for i, s in enumerate(store_sources)
+                if s.get("model") != store_sources[b]["model"]
+                and s.get("site") == store_sources[b].get("site")]
+        c = same[0] if same else (1 if b != 1 else 0)
+    else:
+        c = 1 if b != 1 else 0
+    if b == c:
+        raise ConfigError(f"base and chat are the same source ({b}); give --base and --chat")
+    return b, c
+
+
+def _special_ids(cfg: DiffConfig, manifest: dict) -> list[int] | None:
+    if cfg.special_ids is not None:
+        return cfg.special_ids
+    tok = manifest.get("tokenizer")
+    if not tok:
+        return None
+    ids = set(tok.get("excluded_token_ids", []))
+    ids |= {tok.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} - {None}
+    return sorted(int(i) for i in ids)
+
+
+def run_diff(
+    crosscoder: Any,
+    data: Any,
+    out_dir: str | Path,
+    config: DiffConfig | None = None,
+    models: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the analysis and write it to ``out_dir``; returns the summary dict.
+
+    ``crosscoder``: a :class:`~crosscoders.Crosscoder` or its directory. ``data``: an
+    activation store (or its directory) or a tensor [N, S, D]. ``models``: model name (as
+    in the store manifest) -> local path or hub id; enables causal checks and the lens.
+    """
+    from crosscoders import Crosscoder
+
+    cfg = config or DiffConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "diff_config.json")
+    model = Crosscoder.load(crosscoder) if isinstance(crosscoder, (str, Path)) else crosscoder
+    model = model.to(cfg.device).eval()
+    rows = as_rows(data)
+    store = rows.store if isinstance(rows, StoreRows) else None
+    manifest = store.manifest if store is not None else {}
+    store_sources = manifest.get("sources", [])
+    b, c = resolve_pair(model, store_sources, cfg.base, cfg.chat)
+    preset = cfg.thresholds or cfg.preset
+
+    # 1. the latent table, with examples riding on the same pass
+    weights = latent_table(model, None, base=b, chat=c, preset=preset)
+    collector = None
+    if cfg.examples != "none":
+        cats = weights.df["category"].to_numpy()
+        latents = None if cfg.examples == "all" else np.flatnonzero(cats != "shared")
+        collector = ExampleCollector(model.dict_size, latents, cfg.n_top, cfg.n_samples, cfg.seed)
+    data_for_pass = _limit(rows, cfg.max_tokens)
+    table = latent_table(
+        model, data_for_pass, base=b, chat=c, preset=preset,
+        special_ids=_special_ids(cfg, manifest), latent_scaling=cfg.latent_scaling,
+        rule=cfg.rule, max_ls_latents=cfg.max_ls_latents, seed=cfg.seed,
+        batch_size=cfg.batch_size, progress=cfg.progress,
+        extra_consumers=(collector,) if collector is not None else (),
+    )
+    table.summary["data"] = store.describe() if store is not None else {"kind": "tensor"}
+    table.save(out)
+    summary = dict(table.summary)
+
+    tokenizer, loaded = None, {}
+    if models:
+        loaded, tokenizer = _load_models(models, cfg.device)
+    if collector is not None:
+        recs = collector.finish(model, data_for_pass, cfg.window_before, cfg.window_after,
+                                tokenizer, cfg.batch_size)
+        save_examples(recs, out / "examples.db", {"sources": summary["sources"]})
+        summary["examples"] = {"file": "examples.db", "n": len(recs)}
+
+    # 2. holistic baselines that need only the activations
+    sim_rows, sim_cols = _similarity_sources(store_sources, b, c)
+    sim = similarity_matrix(rows, sim_rows, sim_cols, max_tokens=cfg.similarity_tokens,
+                            progress=cfg.progress)
+    sim_out = {"rows": [_source_label(store_sources, i) for i in sim_rows],
+               "cols": [_source_label(store_sources, i) for i in sim_cols],
+               "cka": sim["cka"].tolist(), "svcca": sim["svcca"].tolist(),
+               "n_tokens": min(rows.n_tokens, cfg.similarity_tokens)}
+    _write_json(out / "similarity.json", sim_out)
+    summary["similarity"] = {"cka": sim_out["cka"], "svcca": sim_out["svcca"]}
+
+    # 3. everything that runs the models
+    if loaded and store is not None:
+        summary.update(_model_checks(cfg, model, store, loaded, tokenizer, table.df, b, c, out))
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _limit(rows: Any, max_tokens: int | None) -> Any:
+    if max_tokens is None or max_tokens >= rows.n_tokens:
+        return rows
+    return HeadRows(rows, max_tokens)
+
+
+def _similarity_sources(store_sources: list[dict], b: int, c: int) -> tuple[list[int], list[int]]:
+    if store_sources and all("model" in s for s in store_sources):
+        mb, mc = store_sources[b]["model"], store_sources[c]["model"]
+        return ([i for i, s in enumerate(store_sources) if s["model"] == mb],
+                [i for i, s in enumerate(store_sources) if s["model"] == mc])
+    return [b], [c]
+
+
+def _source_label(store_sources: list[dict], i: int) -> str:
+    return str(store_sources[i].get("name", i)) if i < len(store_sources) else str(i)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_default) + "\n")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    return str(value)
+
+
+def _load_models(paths: dict[str, str], device: str) -> tuple[dict[str, Any], Any]:
+    from crosscoders.harvest.config import ModelSpec
+    from crosscoders.harvest.models import load_model, load_tokenizer
+
+    loaded = {name: load_model(ModelSpec(path), "float32", device) for name, path in paths.items()}
+    tokenizer = load_tokenizer(ModelSpec(next(iter(paths.values()))))
+    return loaded, tokenizer
+
+
+def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
+    """Token ids [B, T] of up to ``n_contexts`` held-out contexts (all of one length)."""
+    start = store.n_train if store.n_eval else 0
+    meta = StoreRows(store).meta(start, store.n_tokens)
+    contexts = list(dict.fromkeys(int(x) for x in meta["context"]))
+    seqs = [store.context_tokens(ctx) for ctx in contexts]
+    if not seqs:
+        raise ConfigError("the store has no contexts for the causal checks")
+    length = max(set(len(s) for s in seqs), key=lambda n: sum(len(s) == n for s in seqs))
+    chosen = [s for s in seqs if len(s) == length][:n_contexts]
+    return torch.as_tensor(np.stack(chosen), dtype=torch.long)
+
+
+def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokenizer: Any,
+                  df: Any, b: int, c: int, out: Path) -> dict[str, Any]:
+    from crosscoders.diff.causal import (
+        default_keep,
+        patch_test,
+        sources_from_manifest,
+        splice_metrics,
+    )
+    from crosscoders.diff.lens import activation_difference, lens_tokens
+    from crosscoders.diff.steering import steer
+
+    sources = sources_from_manifest(store.manifest["sources"])
+    missing = sorted({s.model for s in sources} - set(loaded))
+    if missing:
+        raise ConfigError(f"--models lacks {missing}; give NAME=PATH for every model of the store")
+    ids = _causal_inputs(store, cfg.causal_contexts)
+    hcfg = store.manifest.get("config", {})
+    keep = default_keep(ids, _special_ids(cfg, store.manifest) or [], hcfg.get("skip_first", 0))
+    splice = splice_metrics(model, loaded, sources, ids, keep)
+    cat = df["category"].to_numpy()
+    chat_only = np.flatnonzero(cat == "chat_only")
+    truly = np.flatnonzero(df["truly_chat_only"].to_numpy()) if "truly_chat_only" in df else []
+    rng = np.random.default_rng(cfg.seed)
+    shared = np.flatnonzero(cat == "shared")
+    control = rng.choice(shared, size=min(len(chat_only), len(shared)), replace=False)
+    sets = {"chat_only": chat_only, "truly_chat_only": truly, "shared_control": control}
+    patch = patch_test(model, loaded, sources, ids, sets, b, c, keep, cfg.first_n)
+    causal = {"n_contexts": int(len(ids)), "context_length": int(ids.shape[1]),
+              "splice": {_source_label(store.manifest["sources"], s): v
+                         for s, v in splice.items()},
+              "patch_test": patch}
+    _write_json(out / "causal.json", causal)
+    chat_model = loaded[sources[c].model]
+    diff = activation_difference(store, b, c, cfg.lens_positions, progress=cfg.progress)
+    lens = {"n_positions": cfg.lens_positions, "count_per_position": diff["count_P"].tolist(),
+            "norm": float(diff["delta_D"].norm()),
+            **lens_tokens(diff["delta_D"], chat_model, tokenizer, cfg.lens_top)}
+    _write_json(out / "lens.json", lens)
+    result = {"causal": causal, "lens": {k: lens[k] for k in ("norm", "promoted")}}
+    if cfg.steer_prompts:
+        pick = truly if len(truly) else chat_only
+        pick = sorted(pick, key=lambda i: -df["max_act"].to_numpy()[i])[: cfg.steer_latents]
+        records = []
+        for latent in pick:
+            scale = float(df["max_act"].to_numpy()[latent])
+            records += steer(chat_model, tokenizer, model, int(latent), c, sources[c],
+                             cfg.steer_prompts, scales=[0.0, scale, 2 * scale])
+        _write_json(out / "steering.json", records)
+        result["steering"] = {"file": "steering.json", "latents": [int(i) for i in pick]}
+    return result

@@ -1,0 +1,303 @@
+"""The latent table: one row per latent for two chosen sources (base, chat) of a crosscoder.
+
+Columns (norms in normalised units, ``Crosscoder.decoder_norms``):
+
+- ``latent``, ``norm_base``, ``norm_chat``, ``rel_norm`` (``n_chat / (n_base + n_chat)``),
+  ``dnorm`` (Minder's ``0.5 * (1 + (n_chat - n_base) / max)``, oriented 1 = chat-only),
+  ``category`` under the chosen preset or thresholds, ``dec_cos`` (also as ``cos``, the
+  name DESIGN.md promises), ``enc_cos``;
+- with data: ``freq``, ``mean_act`` (over firing tokens), ``max_act``, ``special_share``;
+- with Latent Scaling: ``beta_{base,chat}_{recon,err}``, ``nu_r``, ``nu_eps``, ``ls_ref``
+  (the reference source: chat for chat-only latents and the shared control, base for
+  base-only latents, mirrored), ``truly_exclusive``, ``truly_chat_only``,
+  ``truly_base_only``. Latents outside the subset have NaN betas.
+
+The column names use the source names given as ``base_name`` / ``chat_name`` only in the
+summary; the table always says ``base`` and ``chat`` so that notebooks can rely on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crosscoders.diff.categories import (
+    CATEGORIES,
+    CategoryThresholds,
+    get_thresholds,
+    labels_from_scores,
+    minder_norm_diff,
+    relative_norm,
+)
+from crosscoders.diff.latent_scaling import (
+    LatentScalingAccumulator,
+    TrulyExclusiveRule,
+    pick_latents,
+)
+from crosscoders.diff.stats import ActivationStats, analysis_pass, as_rows
+from crosscoders.errors import ConfigError
+from crosscoders.io import atomic_write, atomic_write_text
+
+TABLE_FILES = ("latents.parquet", "latents.csv", "summary.json")
+
+
+def resolve_source(model: Any, source: int | str) -> int:
+    """A source index from an index or a source name (``config.source_names``)."""
+    names = model.config.names
+    if isinstance(source, str) and not source.lstrip("-").isdigit():
+        if source not in names:
+            raise ConfigError(f"no source named {source!r}; the crosscoder's sources are {names}")
+        return names.index(source)
+    index = int(source)
+    if not -len(names) <= index < len(names):
+        raise ConfigError(f"source {index} is out of range; the crosscoder has {len(names)}")
+    return index % len(names)
+
+
+def normalised_decoder(model: Any) -> torch.Tensor:
+    """[F, S, D] decoder in the normalised units the crosscoder was trained in."""
+    return (model.W_dec.detach() * model.folded_scale_S.detach()[None, :, None]).cpu()
+
+
+def weight_columns(
+    model: Any,
+    base: int | str = 0,
+    chat: int | str = 1,
+    preset: str | CategoryThresholds = "minder",
+) -> dict[str, np.ndarray]:
+    """Columns that need only the weights: norms, relative norms, category, cosines."""
+    b, c = resolve_source(model, base), resolve_source(model, chat)
+    if b == c:
+        raise ConfigError(f"base and chat must be different sources, got {b} twice")
+    thresholds = get_thresholds(preset)
+    W = normalised_decoder(model)
+    norms_FS = model.decoder_norms().detach().cpu()
+    rel = relative_norm(W, b, c)
+    dnorm = minder_norm_diff(W, b, c)
+    score = rel if thresholds.convention == "rel_norm" else dnorm
+    enc = model.W_enc.detach().cpu()  # [S, D, F]
+    dec_cos = _cosine(W[:, b], W[:, c])
+    return {
+        "latent": np.arange(W.shape[0]),
+        "norm_base": norms_FS[:, b].double().numpy(),
+        "norm_chat": norms_FS[:, c].double().numpy(),
+        "rel_norm": rel.double().numpy(),
+        "dnorm": dnorm.double().numpy(),
+        "category": labels_from_scores(score, thresholds),
+        "cos": dec_cos,
+        "dec_cos": dec_cos,
+        "enc_cos": _cosine(enc[b].T, enc[c].T),
+    }
+
+
+def _cosine(a_FD: torch.Tensor, b_FD: torch.Tensor) -> np.ndarray:
+    a, b = a_FD.double(), b_FD.double()
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    cos = (a * b).sum(-1) / denom.clamp_min(1e-300)
+    return torch.where(denom > 0, cos, torch.zeros_like(cos)).numpy()
+
+
+@dataclass
+class LatentTable:
+    """The per-latent table (a pandas DataFrame) and its JSON-able summary."""
+
+    df: Any
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``latents.parquet``, ``latents.csv`` and ``summary.json`` (atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "latents.parquet", lambda tmp: self.df.to_parquet(tmp, index=False))
+        atomic_write(out / "latents.csv", lambda tmp: self.df.to_csv(tmp, index=False))
+        atomic_write_text(
+            out / "summary.json", json.dumps(self.summary, indent=2, default=_json_default) + "\n"
+        )
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> LatentTable:
+        import pandas as pd
+
+        out = Path(out_dir)
+        return cls(
+            pd.read_parquet(out / "latents.parquet"), json.loads((out / "summary.json").read_text())
+        )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def latent_table(
+    model: Any,
+    data: Any = None,
+    *,
+    base: int | str = 0,
+    chat: int | str = 1,
+    preset: str | CategoryThresholds = "minder",
+    token_ids: Any = None,
+    special_ids: Any = None,
+    latent_scaling: str | Any = "auto",
+    rule: TrulyExclusiveRule | None = None,
+    max_ls_latents: int | None = None,
+    seed: int = 42,
+    batch_size: int = 4096,
+    progress: bool = True,
+    extra_consumers: tuple = (),
+) -> LatentTable:
+    """Build the latent table; with ``data`` everything comes from one pass over it.
+
+    ``data``: a tensor [N, S, D] (``token_ids`` [N] optional), an ``ActivationStore`` or a
+    store directory; None gives the weight columns only. ``latent_scaling``: ``"auto"``
+    (chat-only latents with a size-matched random shared control, referenced to chat, and
+    base-only latents referenced to base), ``"all"`` (every latent, referenced to chat),
+    ``"none"``, or an array of latent indices (referenced to chat). ``max_ls_latents`` caps
+    each exclusive set (the most exclusive first). ``extra_consumers`` ride on the same pass
+    (e.g. an examples collector).
+    """
+    import pandas as pd
+
+    b, c = resolve_source(model, base), resolve_source(model, chat)
+    thresholds = get_thresholds(preset)
+    cols = weight_columns(model, b, c, thresholds)
+    names = model.config.names
+    summary: dict[str, Any] = {
+        "sources": {"base": names[b], "chat": names[c], "base_index": b, "chat_index": c},
+        "preset": preset if isinstance(preset, str) else "custom",
+        "thresholds": thresholds.to_dict(),
+        "rel_norm_conventions": {
+            "rel_norm": "n_chat / (n_base + n_chat): 0 base-only, 0.5 shared, 1 chat-only",
+            "dnorm": "0.5 * (1 + (n_chat - n_base) / max(n_base, n_chat)): 1 chat-only",
+            "category_uses": thresholds.convention,
+        },
+        "counts": {k: int((cols["category"] == k).sum()) for k in CATEGORIES},
+        "n_latents": int(model.dict_size),
+    }
+    if data is None:
+        return LatentTable(pd.DataFrame(cols), summary)
+
+    rows = as_rows(data, token_ids)
+    stats = ActivationStats(model.dict_size, model.n_sources, model.d_model, special_ids)
+    ls_runs = _latent_scaling_runs(cols, latent_scaling, max_ls_latents, seed)
+    accs = [
+        (
+            LatentScalingAccumulator(
+                model, idx, ref=c if ref == "chat" else b, other=b if ref == "chat" else c
+            ),
+            ref,
+        )
+        for idx, ref in ls_runs
+        if len(idx)
+    ]
+    analysis_pass(
+        model,
+        rows,
+        [stats, *(a for a, _ in accs), *extra_consumers],
+        batch_size,
+        progress=progress,
+        desc="latent table",
+    )
+    cols.update(stats.per_latent())
+    rec = stats.summary()
+    rec["fvu"] = {names[s]: v for s, v in enumerate(rec["fvu"])}
+    summary.update(rec)
+    summary["alive_counts"] = {
+        k: int(((cols["category"] == k) & (cols["freq"] > 0)).sum()) for k in CATEGORIES
+    }
+    if ls_runs:
+        _add_latent_scaling(cols, [(a.result(), ref) for a, ref in accs], rule)
+        summary["latent_scaling"] = _ls_summary(cols, rule, latent_scaling)
+    return LatentTable(pd.DataFrame(cols), summary)
+
+
+def _latent_scaling_runs(
+    cols: dict[str, np.ndarray], spec: Any, max_latents: int | None, seed: int
+) -> list[tuple[np.ndarray, str]]:
+    if isinstance(spec, str):
+        if spec == "none":
+            return []
+        if spec == "all":
+            return [(cols["latent"], "chat")]
+        if spec != "auto":
+            raise ConfigError(
+                f"latent_scaling={spec!r}: use 'auto', 'all', 'none' or an array of latents"
+            )
+        cats = cols["category"]
+        chat, control = pick_latents(
+            cats, "chat_only", max_latents=max_latents, seed=seed, score=cols["rel_norm"]
+        )
+        base, _ = pick_latents(
+            cats, "base_only", max_latents=max_latents, seed=seed, score=-cols["rel_norm"]
+        )
+        return [(np.union1d(chat, control), "chat"), (base, "base")]
+    return [(np.unique(np.asarray(spec, dtype=np.int64)), "chat")]
+
+
+def _add_latent_scaling(cols: dict[str, np.ndarray], results: list, rule: Any) -> None:
+    F_ = len(cols["latent"])
+    names = (
+        "beta_base_recon",
+        "beta_chat_recon",
+        "beta_base_err",
+        "beta_chat_err",
+        "nu_r",
+        "nu_eps",
+    )
+    for name in names:
+        cols[name] = np.full(F_, np.nan)
+    cols["ls_ref"] = np.full(F_, "", dtype=object)
+    cols["truly_exclusive"] = np.zeros(F_, dtype=bool)
+    for res, ref in results:
+        other = "base" if ref == "chat" else "chat"
+        for name, value in res.columns((other, ref), rule).items():
+            cols[name][res.latents] = value
+        cols["ls_ref"][res.latents] = ref
+    cols["ls_ref"] = cols["ls_ref"].astype(str)
+    cat = cols["category"]
+    cols["truly_chat_only"] = (
+        (cat == "chat_only") & (cols["ls_ref"] == "chat") & cols["truly_exclusive"]
+    )
+    cols["truly_base_only"] = (
+        (cat == "base_only") & (cols["ls_ref"] == "base") & cols["truly_exclusive"]
+    )
+
+
+def _ls_summary(cols: dict[str, np.ndarray], rule: Any, spec: Any) -> dict[str, Any]:
+    rule = rule or TrulyExclusiveRule()
+    cat, ref = cols["category"], cols["ls_ref"]
+    control = (cat == "shared") & (ref == "chat")
+
+    def med(mask: np.ndarray, name: str) -> float | None:
+        vals = cols[name][mask]
+        vals = vals[np.isfinite(vals)]
+        return float(np.median(vals)) if vals.size else None
+
+    return {
+        "subset": spec if isinstance(spec, str) else "custom",
+        "rule": rule.to_dict(),
+        "n_chat_only_scaled": int(((cat == "chat_only") & (ref == "chat")).sum()),
+        "n_truly_chat_only": int(cols["truly_chat_only"].sum()),
+        "n_base_only_scaled": int(((cat == "base_only") & (ref == "base")).sum()),
+        "n_truly_base_only": int(cols["truly_base_only"].sum()),
+        "n_shared_control": int(control.sum()),
+        "median_nu_r": {
+            "chat_only": med((cat == "chat_only") & (ref == "chat"), "nu_r"),
+            "shared_control": med(control, "nu_r"),
+        },
+        "median_nu_eps": {
+            "chat_only": med((cat == "chat_only") & (ref == "chat"), "nu_eps"),
+            "shared_control": med(control, "nu_eps"),
+        },
+    }
