@@ -36,10 +36,12 @@ test-all: install $(BROWSER_STAMP) $(REAL_STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: install
-	$(BIN)/crosscoders bench synthetic
+	$(BIN)/crosscoders demo
 
 bench: install
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/harvest.py
+	$(BIN)/python benchmarks/diff.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
