@@ -1,6 +1,6 @@
 """Time one BatchTopK training step: ours (sparse) vs the dense reference vs the encoder GEMM.
 
-    python benchmarks/train_step.py [--configs A C] [--repeats 5]
+    python benchmarks/train_step.py [--configs A C] [--repeats 5] [--threads N]
 
 Prints, per config, milliseconds per step and the ratios the project tracks: our step over
 the encoder-forward GEMM alone (the floor: everything else can be made sparse) and the
@@ -114,7 +114,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["A", "C"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     if not args.no_rss:

@@ -95,13 +95,8 @@ def _add_bench(sub) -> None:
                                                "on small shared CPUs)")
     s.add_argument("--json", help="also write the results as JSON to this file")
     s.set_defaults(func=_run_bench_synthetic)
-    try:
-        from crosscoders.diff.ground_truth import (
-            add_bench_diffing_arguments,
-            bench_diffing_from_args,
-        )
-    except ImportError:
-        return
+    from crosscoders.diff.ground_truth import add_bench_diffing_arguments, bench_diffing_from_args
+
     d = bench.add_parser("diffing", help="L1 vs BatchTopK, with and without Latent Scaling, "
                                          "on planted features that make L1 fail")
     add_bench_diffing_arguments(d)
@@ -196,32 +191,22 @@ def _run_init(args) -> int:
     return 0
 
 
-def _add_optional(sub) -> None:
-    """Stages whose modules may be absent in a trimmed install."""
-    try:
-        from crosscoders.harvest.cli import add_harvest_arguments, harvest_from_args
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("harvest", help="harvest activations from models into a store")
-        add_harvest_arguments(p)
-        p.set_defaults(func=harvest_from_args)
-    try:
-        from crosscoders.diff.cli import add_diff_arguments, diff_from_args
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("diff", help="per-latent diffing analysis of a trained crosscoder")
-        add_diff_arguments(p)
-        p.set_defaults(func=diff_from_args)
-    try:
-        from crosscoders.report import add_report_arguments, report_from_args
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("report", help="the browsable HTML report")
-        add_report_arguments(p)
-        p.set_defaults(func=report_from_args)
+def _add_stage_commands(sub) -> None:
+    """harvest, diff and report: each module brings its own arguments."""
+    from crosscoders.diff.cli import add_diff_arguments, diff_from_args
+    from crosscoders.harvest.cli import add_harvest_arguments, harvest_from_args
+    from crosscoders.report import add_report_arguments, report_from_args
+
+    for name, help_text, add_arguments, run in (
+        ("harvest", "harvest activations from models into a store", add_harvest_arguments,
+         harvest_from_args),
+        ("diff", "per-latent diffing analysis of a trained crosscoder", add_diff_arguments,
+         diff_from_args),
+        ("report", "the browsable HTML report", add_report_arguments, report_from_args),
+    ):
+        parser = sub.add_parser(name, help=help_text)
+        add_arguments(parser)
+        parser.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init(sub)
     _add_train(sub)
     _add_bench(sub)
-    _add_optional(sub)
+    _add_stage_commands(sub)
     return parser
 
 
