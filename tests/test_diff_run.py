@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from crosscoders import CrosscoderConfig, TrainConfig, train
-from crosscoders.diff.cli import add_diff_arguments
+from crosscoders.diff.cli import _default_store, _parse_models, add_diff_arguments
 from crosscoders.diff.run import DiffConfig, resolve_pair, run_diff
 from crosscoders.errors import ConfigError
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
@@ -108,3 +108,16 @@ def test_resolve_pair_and_errors(trained):
     with pytest.raises(ConfigError, match="lacks"):
         run_diff(model, store, root / "x", DiffConfig(progress=False, examples="none"),
                  models={"base": str(root / "base")})
+
+
+def test_cli_defaults_store_and_models(trained):
+    root, store = trained
+    assert _default_store(str(root / "run")) == str((root / "store").resolve())
+    with pytest.raises(ConfigError, match="--store"):
+        _default_store(str(root / "nowhere"))
+    auto = _parse_models(["auto"], store.manifest)
+    assert auto == {"base": str(root / "base"), "chat": str(root / "chat")}
+    assert _parse_models(["/b", "chat=/c"], store.manifest) == {"base": "/b", "chat": "/c"}
+    assert _parse_models(None, store.manifest) is None
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        _parse_models(["/a", "/b", "/c"], store.manifest)

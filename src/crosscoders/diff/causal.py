@@ -211,6 +211,7 @@ def patch_test(
     chat: int = 1,
     keep_BT: Tensor | None = None,
     first_n: int = 5,
+    first_BT: Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """Minder's test: ``KL(chat || chat run from the patched base activation)``.
 
@@ -218,7 +219,8 @@ def patch_test(
     ``x_base + sum_{i in S} f_i (d_i^chat - d_i^base)`` at kept positions, for every set S
     in ``latent_sets`` plus ``"none"`` (the base activation alone) and ``"all"`` (every
     latent). Returns per set ``kl_all`` (kept positions) and ``kl_first`` (the first
-    ``first_n`` kept positions of each sequence), and the set size.
+    ``first_n`` kept positions of each sequence, or the positions marked in ``first_BT``,
+    e.g. the first tokens of each chat response), and the set size.
     """
     s_base, s_chat = sources[base], sources[chat]
     if s_base.site != s_chat.site:
@@ -237,7 +239,7 @@ def patch_test(
     sets = {"none": np.zeros(0, dtype=np.int64), **{k: np.asarray(v, dtype=np.int64)
                                                     for k, v in latent_sets.items()},
             "all": np.arange(crosscoder.dict_size)}
-    first = first_kept(keep, first_n)
+    first = first_kept(keep, first_n) if first_BT is None else first_BT.bool() & keep
     out = {}
     for name, idx in sets.items():
         idx_t = torch.as_tensor(idx, device=f.device)

@@ -131,11 +131,10 @@ class LatentScalingAccumulator:
         self.pos_F = torch.full((F_,), -1, dtype=torch.long, device=device)
         self.pos_F[idx.to(device)] = torch.arange(idx.numel(), device=device)
         W = model.W_dec.detach()
-        self.d_LD = W[idx.to(device), ref].double()
-        d_other_LD = W[idx.to(device), other].double()
-        self.g_ref_L = (self.d_LD * self.d_LD).sum(-1)  # ||d||^2 = d . d^ref
-        self.g_other_L = (self.d_LD * d_other_LD).sum(-1)  # d . d^other
-        self.d_model_LD = W[idx.to(device), ref].contiguous()  # in the model's dtype
+        self.d_model_LD = W[idx.to(device), ref].contiguous()  # d, in the model's dtype
+        d_LD = self.d_model_LD.double()
+        self.g_ref_L = (d_LD * d_LD).sum(-1)  # ||d||^2 = d . d^ref
+        self.g_other_L = (d_LD * W[idx.to(device), other].double()).sum(-1)  # d . d^other
         L = idx.numel()
         # num[:, t]: t = 0 other recon, 1 ref recon, 2 other err, 3 ref err (no add-back yet)
         self.num_L4 = torch.zeros(L, 4, dtype=torch.float64, device=device)
