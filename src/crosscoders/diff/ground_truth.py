@@ -64,6 +64,8 @@ class DiffingBenchConfig(Config):
     decoupled_cos_max: float = 0.95
     activations: list[str] = dataclasses.field(default_factory=lambda: ["relu", "batchtopk"])
     dict_size: int = 128
+    #: designated shared latents (tied decoders, reduced L1), see docs/training.md
+    n_shared_latents: int = 0
     k: int = 4
     steps: int = 1500
     batch_size: int = 512
@@ -193,7 +195,8 @@ def run_diffing_benchmark(cfg: DiffingBenchConfig | None = None, progress: bool 
             arch["k"] = cfg.k
         model_cfg = CrosscoderConfig(n_sources=2, d_model=cfg.planted.d_model,
                                      dict_size=cfg.dict_size, source_names=["base", "chat"],
-                                     seed=cfg.seed, **arch)
+                                     n_shared_latents=cfg.n_shared_latents, seed=cfg.seed,
+                                     **arch)
         tkw: dict[str, Any] = {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                                "seed": cfg.seed, "progress": progress, "eval_tokens": 0}
         if activation == "relu" and cfg.l1_coeff is not None:
@@ -287,6 +290,8 @@ def add_bench_diffing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", nargs="+", choices=["relu", "topk", "batchtopk"],
                         help="crosscoders to train (default: relu batchtopk)")
     parser.add_argument("--steps", type=int, help="training steps per crosscoder")
+    parser.add_argument("--shared-latents", type=int,
+                        help="designated shared latents (tied decoders, reduced L1)")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
     parser.add_argument("--preset", choices=["anthropic", "kissane", "minder"],
                         help="category thresholds (default: minder)")
@@ -304,6 +309,8 @@ def bench_diffing_from_args(args: argparse.Namespace) -> int:
         changes["activations"] = list(args.activations)
     if args.steps:
         changes["steps"] = args.steps
+    if args.shared_latents is not None:
+        changes["n_shared_latents"] = args.shared_latents
     if args.preset:
         changes["preset"] = args.preset
     if args.seed:
