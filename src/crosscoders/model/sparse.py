@@ -7,8 +7,8 @@ non-zero, so everything after the encoder GEMM is done on the active set:
   instead of a sort of all ``B * F`` scores;
 * decode: ``xhat[b] = sum_e f_e W_dec[i_e]`` with ``embedding_bag`` (cost ``E * S * D``);
 * backward: ``df_e = <g_b, W_dec[i_e]>`` by a sampled dense-dense product, and the weight
-  gradients of both encoder and decoder as ``embedding_bag`` sums grouped by latent, so
-  no dense ``[B, F]`` gradient is ever formed.
+  gradients of both encoder and decoder as sums grouped by latent (a CSR [F, B] x dense
+  product), so no dense ``[B, F]`` gradient is ever formed.
 
 The dense path in :mod:`crosscoders.model.crosscoder` is the reference; tests check both
 give the same loss, outputs and gradients.
@@ -39,12 +39,13 @@ class SparseCodes:
     values_E: Tensor
     n_tokens: int
     n_latents: int
-    _cache: dict = field(default_factory=dict, repr=False)
+    #: reusable [F, X] gradient buffers (see :func:`grouped_by_latent`); None: fresh tensors
+    workspace: dict | None = field(default=None, repr=False)
 
     def with_values(self, values_E: Tensor) -> SparseCodes:
         return SparseCodes(
             self.token_idx_E, self.latent_idx_E, values_E, self.n_tokens, self.n_latents,
-            self._cache,
+            self.workspace,
         )
 
     def to_dense(self) -> Tensor:
@@ -71,13 +72,46 @@ class SparseCodes:
         return torch.argsort(self.latent_idx_E, stable=True)
 
     @cached_property
-    def latent_offsets_F(self) -> Tensor:
-        counts = torch.bincount(self.latent_idx_E, minlength=self.n_latents)
-        return torch.cumsum(counts, 0) - counts
-
-    @cached_property
     def tokens_by_latent_E(self) -> Tensor:
         return self.token_idx_E[self.latent_order_E]
+
+    @cached_property
+    def latent_crow(self) -> Tensor:
+        """CSR row pointer [F + 1] over latents (entries in ``latent_order_E``)."""
+        counts = torch.bincount(self.latent_idx_E, minlength=self.n_latents)
+        return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def grouped_by_latent(codes: SparseCodes, weights_E: Tensor, dense_BX: Tensor,
+                      name: str) -> Tensor:
+    """[F, X] with row i = sum over entries e of latent i of ``weights_e * dense[token_e]``.
+
+    This is the weight gradient of both the encoder and the decoder. It runs as a CSR
+    [F, B] x dense [B, X] product written into a buffer from ``codes.workspace`` when one
+    is given: allocating 10s of MB afresh each step costs more than the product (page
+    faults), so the trainer reuses them. A returned buffer is overwritten by the next
+    step, so callers must drop it first (``zero_grad(set_to_none=True)`` does).
+    """
+    F_, X = codes.n_latents, dense_BX.shape[1]
+    order = codes.latent_order_E
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        csr_FB = torch.sparse_csr_tensor(
+            codes.latent_crow, codes.tokens_by_latent_E, weights_E[order],
+            size=(F_, codes.n_tokens), check_invariants=False,
+        )
+        out = _workspace_buffer(codes.workspace, name, (F_, X), dense_BX)
+        return torch.addmm(out, csr_FB, dense_BX, beta=0.0, out=out)
+
+
+def _workspace_buffer(workspace: dict | None, name: str, shape: tuple[int, ...],
+                      like: Tensor) -> Tensor:
+    if workspace is None:
+        return like.new_empty(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = like.new_empty(shape)
+    return buf
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,11 +206,7 @@ class _GatherPreacts(torch.autograd.Function):
         F_, S, D = W_enc_FSD.shape
         grad_W = grad_b = grad_x = None
         if ctx.needs_input_grad[2]:
-            grad_FX = F.embedding_bag(
-                codes.tokens_by_latent_E, x_BX, codes.latent_offsets_F, mode="sum",
-                per_sample_weights=grad_E[codes.latent_order_E],
-            )
-            grad_W = grad_FX.view(F_, S, D)
+            grad_W = grouped_by_latent(codes, grad_E, x_BX, "grad_W_enc").view(F_, S, D)
         if ctx.needs_input_grad[3]:
             grad_b = grad_E.new_zeros(F_).index_add_(0, codes.latent_idx_E, grad_E)
         if ctx.needs_input_grad[1]:
@@ -209,10 +239,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = sampled_dot(grad_BX, W_dec_FSD.reshape(F_, S * D), codes)
         if ctx.needs_input_grad[1]:
-            grad_W = F.embedding_bag(
-                codes.tokens_by_latent_E, grad_BX, codes.latent_offsets_F, mode="sum",
-                per_sample_weights=values_E[codes.latent_order_E],
-            ).view(F_, S, D)
+            grad_W = grouped_by_latent(codes, values_E, grad_BX, "grad_W_dec").view(F_, S, D)
         return grad_values, grad_W, None
 
 

@@ -105,13 +105,16 @@ def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
 class SparseStep:
     """Fast path for TopK/BatchTopK: see :mod:`crosscoders.model.sparse`.
 
-    Holds two reusable workspaces (the [B, F] scores and the scaled encoder) because
-    allocating them afresh every step costs more than the arithmetic on them.
+    Holds reusable workspaces (the [B, F] scores, the scaled encoder, the weight
+    gradients) because allocating them afresh every step costs more than the arithmetic
+    on them. The gradients it produces alias those buffers: the caller must drop them
+    before the next step (``optimizer.zero_grad(set_to_none=True)``), as the trainer does.
     """
 
     def __init__(self) -> None:
         self._scores: Tensor | None = None
         self._W_scaled: Tensor | None = None
+        self._grad_workspace: dict = {}  # weight-gradient buffers, see grouped_by_latent
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         buf = getattr(self, name)
@@ -144,7 +147,7 @@ class SparseStep:
                 token_idx, latent_idx = act.select(scores_BF, k)
             kept_scores_E = scores_BF[token_idx, latent_idx]
             pre_E = kept_scores_E / w_F[latent_idx]
-        codes = SparseCodes(token_idx, latent_idx, pre_E, B, F_)
+        codes = SparseCodes(token_idx, latent_idx, pre_E, B, F_, self._grad_workspace)
         values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         codes = codes.with_values(values_E)
         xhat_BX = sparse_decode(codes, model.W_dec) + model.b_dec.reshape(S * D)
@@ -171,6 +174,8 @@ class SparseStep:
             scores_BF.mul_(dead_F)  # the buffer is free now: keep only dead latents
             token_idx, latent_idx = topk_per_token(scores_BF, k_aux)
             pre_E = scores_BF[token_idx, latent_idx] / w_F[latent_idx]
+        # fresh gradient tensors here: AuxK only runs while latents are dead, and a second
+        # set of persistent [F, X] buffers would cost more memory than the faults cost time
         codes = SparseCodes(token_idx, latent_idx, pre_E, B, model.dict_size)
         values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         ehat_BX = sparse_decode(codes.with_values(values_E), model.W_dec)
