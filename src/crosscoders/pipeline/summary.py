@@ -67,9 +67,12 @@ def format_summary(result: PipelineResult,
         fvu = summary.get("fvu", {})
         if fvu:
             lines.append("FVU: " + ", ".join(f"{k} {_fmt(v)}" for k, v in fvu.items()))
-        for key in ("l0", "dead_frac"):
+        for key, label in (("l0", "L0"), ("dead_fraction", "dead fraction")):
             if key in summary:
-                lines.append(f"{key}: {_fmt(summary[key])}")
+                lines.append(f"{label}: {_fmt(summary[key])}")
+        ls = summary.get("latent_scaling") or {}
+        if "n_truly_chat_only" in ls:
+            lines.append(f"truly chat-only (Latent Scaling): {ls['n_truly_chat_only']}")
     top = top_chat_leaning(result.diff_dir, token_strings)
     if top:
         lines.append("most chat-specific latents (highest relative decoder norm):")
