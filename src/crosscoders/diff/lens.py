@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from crosscoders.diff.stats import StoreRows, as_rows, progress_bar
 from crosscoders.errors import CrosscodersError, DataError
 
-# Final norms of common architectures (the harvester has no such helper yet).
+# Final norms of common architectures.
 FINAL_NORM_PATHS = ("model.norm", "model.language_model.norm", "model.final_layernorm",
                     "model.decoder.final_layer_norm", "transformer.ln_f",
                     "gpt_neox.final_layer_norm", "transformer.norm_f")
@@ -25,12 +25,10 @@ FINAL_NORM_PATHS = ("model.norm", "model.language_model.norm", "model.final_laye
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied before the unembedding (raises if it cannot be found)."""
+    from crosscoders.harvest.models import attribute_path
+
     for path in FINAL_NORM_PATHS:
-        module: Any = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
+        module = attribute_path(model, path)
         if isinstance(module, nn.Module):
             return module
     raise CrosscodersError(

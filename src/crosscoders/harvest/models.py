@@ -135,16 +135,21 @@ def load_model(spec: ModelSpec, dtype: str, device: str) -> nn.Module:
     return model.to(resolve_device(device)).eval()
 
 
+def attribute_path(obj: Any, path: str) -> Any:
+    """``obj.a.b.c`` for ``path="a.b.c"``, or None where an attribute is missing."""
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks of a causal LM (``ModuleList``) and their attribute path."""
     config = getattr(model, "config", None)
     n_layers = n_layers_and_d_model(config)[0] if config is not None else None
     for path in BLOCK_PATHS:
-        module: Any = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
+        module = attribute_path(model, path)
         if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
             return path, module
     # Fallback: the first ModuleList of identical modules with one entry per layer.
