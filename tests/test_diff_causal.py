@@ -178,3 +178,14 @@ def test_activation_difference_lens(pair):
         "token_id"])
     with pytest.raises(DataError, match="no rows"):
         activation_difference(x, n_positions=3, positions=pos + 5, progress=False)
+
+
+def test_after_marker_marks_the_first_tokens_of_each_response():
+    import torch
+
+    from crosscoders.diff.causal import after_marker
+
+    ids = torch.tensor([[1, 9, 5, 5, 5, 9, 5, 5], [1, 5, 5, 5, 5, 5, 5, 9]])
+    mask = after_marker(ids, marker_id=9, n=2)
+    assert mask.tolist() == [[False, False, True, True, False, False, True, True],
+                             [False] * 8]

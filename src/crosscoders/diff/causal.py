@@ -200,6 +200,17 @@ def first_kept(keep_BT: Tensor, n: int) -> Tensor:
     return keep_BT & (keep_BT.long().cumsum(1) <= n)
 
 
+def after_marker(input_ids_BT: Tensor, marker_id: int, n: int) -> Tensor:
+    """[B, T] bool: the ``n`` positions right after each occurrence of ``marker_id`` (e.g.
+    the first tokens of every assistant response after an ``<|assistant|>`` token)."""
+    is_marker = input_ids_BT == marker_id
+    # position of the latest marker at or before each position (-1 if none yet)
+    pos_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+    last_BT = torch.where(is_marker, pos_T, -1).cummax(dim=1).values
+    since_BT = pos_T - last_BT
+    return (last_BT >= 0) & (since_BT >= 1) & (since_BT <= n)
+
+
 @torch.inference_mode()
 def patch_test(
     crosscoder: Any,

@@ -60,6 +60,9 @@ class DiffConfig(Config):
     similarity_tokens: int = 200_000
     causal_contexts: int = 16
     first_n: int = 5
+    #: token (e.g. "<|assistant|>") after which the patch test's "first tokens" are
+    #: counted; None: the first kept positions of each context
+    response_marker: str | None = None
     lens_positions: int = 5
     lens_top: int = 20
     steer_prompts: list[str] = dataclasses.field(default_factory=list)
@@ -252,6 +255,7 @@ def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
 def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokenizer: Any,
                   df: Any, b: int, c: int, out: Path) -> dict[str, Any]:
     from crosscoders.diff.causal import (
+        after_marker,
         default_keep,
         patch_test,
         sources_from_manifest,
@@ -275,11 +279,23 @@ def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokeniz
     shared = np.flatnonzero(cat == "shared")
     control = rng.choice(shared, size=min(len(chat_only), len(shared)), replace=False)
     sets = {"chat_only": chat_only, "truly_chat_only": truly, "shared_control": control}
-    patch = patch_test(model, loaded, sources, ids, sets, b, c, keep, cfg.first_n)
+    first = None
+    if cfg.response_marker is not None:
+        marker = tokenizer.convert_tokens_to_ids(cfg.response_marker)
+        if marker is None or marker == tokenizer.unk_token_id:
+            raise ConfigError(
+                f"response_marker {cfg.response_marker!r} is not a token of the models' "
+                "tokenizer; give the exact token that starts a response, e.g. <|assistant|>"
+            )
+        first = after_marker(ids, marker, cfg.first_n)
+    patch = patch_test(model, loaded, sources, ids, sets, b, c, keep, cfg.first_n, first)
+    first_desc = {"n": cfg.first_n, "after": cfg.response_marker or "start of context"}
+    if first is not None:
+        first_desc["n_positions"] = int((first & keep).sum())
     causal = {"n_contexts": int(len(ids)), "context_length": int(ids.shape[1]),
               "splice": {_source_label(store.manifest["sources"], s): v
                          for s, v in splice.items()},
-              "patch_test": patch}
+              "patch_test": patch, "first_tokens": first_desc}
     _write_json(out / "causal.json", causal)
     chat_model = loaded[sources[c].model]
     diff = activation_difference(store, b, c, cfg.lens_positions, progress=cfg.progress)
