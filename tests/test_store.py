@@ -222,3 +222,17 @@ def test_writer_removes_temp_files_of_a_killed_write(tmp_path, data):
     again = StoreWriter(tmp_path / "s", {"test": 1}, n_sources=S, d_model=D, dtype="float32")
     assert again.done("m") == 1 and again.seq_start(1) == 3
     assert not (leftover / ".acts_0.npy.abc.tmp").exists()
+
+
+def test_cli_trains_on_a_store_with_its_source_names(tmp_path, data):
+    from crosscoders import Crosscoder
+    from crosscoders.cli import main as cli_main
+
+    write_store(tmp_path / "store", data, eval_tokens=20)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "store"), "--out", str(out), "--dict-size",
+            "16", "--k", "2", "--steps", "5", "--batch-size", "16", "--no-progress"]
+    assert cli_main(argv) == 0
+    model = Crosscoder.load(out)
+    assert model.config.source_names == [f"src{s}" for s in range(S)]
+    assert model.W_dec.shape == (16, S, D)

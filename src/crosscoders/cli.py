@@ -75,6 +75,9 @@ def _run_train(args) -> int:
              "source_names": args.source_names}
     cc_dict.update({k: v for k, v in flags.items() if v is not None})
     cc_dict.setdefault("dict_size", 16 * source.d_model)
+    store_names = [s.get("name") for s in getattr(source, "sources", [])]
+    if "source_names" not in cc_dict and store_names and all(store_names):
+        cc_dict["source_names"] = store_names  # e.g. base/resid_out:12, chat/resid_out:12
     model = train(CrosscoderConfig.from_dict(cc_dict), source, tc, run_dir=args.out)
     print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
     return 0
