@@ -57,8 +57,7 @@ class SparseCodes:
     @cached_property
     def token_offsets_B(self) -> Tensor:
         """Start of each token's entries (bags for ``embedding_bag``)."""
-        counts = torch.bincount(self.token_idx_E, minlength=self.n_tokens)
-        return torch.cumsum(counts, 0) - counts
+        return self.token_crow[:-1]
 
     @cached_property
     def token_crow(self) -> Tensor:

@@ -49,6 +49,15 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     ]
 
 
+def _raise_if_disk_full(err: OSError, what: str, resume: str = "") -> None:
+    """A clear error for a full disk (or quota); the caller re-raises anything else."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CrosscodersError(
+            f"disk full while writing {what}: free some space and run the same command "
+            f"again{resume}"
+        ) from err
+
+
 class StoreWriter:
     """Bookkeeping for one store directory being harvested.
 
@@ -181,11 +190,8 @@ class StoreWriter:
             self.progress["done"][group] = index + 1
             self._save_progress()
         except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CrosscodersError(
-                    f"disk full while writing shard {index} of {self.root}: free some space and "
-                    "run the same command again; the harvest resumes after the last complete shard"
-                ) from err
+            _raise_if_disk_full(err, f"shard {index} of {self.root}",
+                                "; the harvest resumes after the last complete shard")
             raise
 
     def end(self, n_shards: int, n_tokens: int) -> None:
@@ -225,11 +231,7 @@ class StoreWriter:
         try:
             atomic_write_text(self.root / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
         except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CrosscodersError(
-                    f"disk full while writing the manifest of {self.root}: free some space "
-                    "and run the same command again"
-                ) from err
+            _raise_if_disk_full(err, f"the manifest of {self.root}")
             raise
         self.complete = True
         return manifest
