@@ -1,6 +1,7 @@
 """Harvest and store benchmark on tiny random-init models sized like the workshop ones.
 
     python benchmarks/harvest.py [--tokens 32768] [--layers 6] [--d-model 512]
+                                 [--device cuda --dtype bfloat16 --no-rss]
 
 Prints, in one run: harvest throughput vs a bare forward truncated at the needed block,
 the early-stop speedup over a full forward, store read throughput vs a plain sequential
@@ -38,7 +39,8 @@ def _config(root: Path, tokens: int, args: argparse.Namespace) -> HarvestConfig:
         tokens=tokens,
         context_length=args.context,
         batch_size=args.batch,
-        device="cpu",
+        device=args.device,
+        dtype=args.dtype,
         store_dtype="bfloat16",
         shard_tokens=8192,
         eval_tokens=0,
@@ -60,30 +62,42 @@ def _bare_truncated(root: Path, cfg: HarvestConfig, n_layers: int) -> float:
     keep = resolve_site(cfg.models[0].sites[0], n_layers).layer + 1
     models = []
     for name in ("base", "chat"):
-        model = AutoModelForCausalLM.from_pretrained(root / name, num_hidden_layers=keep).eval()
-        models.append(model.model)  # the decoder stack without lm_head
+        model = AutoModelForCausalLM.from_pretrained(
+            root / name, num_hidden_layers=keep, torch_dtype=getattr(torch, cfg.dtype))
+        models.append(model.model.to(cfg.device).eval())  # the decoder stack, no lm_head
+    _sync(cfg.device)
     start = time.perf_counter()
     with torch.inference_mode():
         for ids in batches:
+            ids = ids.to(cfg.device)
             for model in models:
                 model(input_ids=ids, use_cache=False)
+    _sync(cfg.device)
     return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _early_stop(root: Path, args: argparse.Namespace, repeats: int = 5) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        root / "base", torch_dtype=getattr(torch, args.dtype)).to(args.device).eval()
     _, blocks = find_blocks(model)
     reader = SiteReader(model, blocks, [resolve_site(args.site, len(blocks))])
-    ids = torch.randint(7, 100, (args.batch, args.context))
+    ids = torch.randint(7, 100, (args.batch, args.context), device=args.device)
 
     def timed(fn) -> float:
         fn()
         best = float("inf")
         for _ in range(repeats):
+            _sync(args.device)
             start = time.perf_counter()
             fn()
+            _sync(args.device)
             best = min(best, time.perf_counter() - start)
         return best
 
@@ -142,6 +156,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the models' dtype")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,12 +179,13 @@ def main() -> None:
     bare = _bare_truncated(root, cfg, args.layers)
     full, early = _early_stop(root, args)
     read_ours, read_plain = _read(root / "store")
-    rss = {n: _rss_child(root, n, args) for n in (args.tokens // 4, args.tokens)}
+    rss = {} if args.no_rss else {n: _rss_child(root, n, args)
+                                  for n in (args.tokens // 4, args.tokens)}
 
     results = {
         "setup": f"2 x llama {args.layers} layers d{args.d_model}, site {args.site} "
         f"(block {store.sources[0]['layer']}), context {args.context}, batch {args.batch}, "
-        f"{torch.get_num_threads()} threads, store bf16",
+        f"{torch.get_num_threads()} threads, store bf16, {args.device} {args.dtype}",
         "harvest_tokens_per_s": round(store.n_tokens / ours),
         "bare_truncated_tokens_per_s": round(store.n_tokens / bare),
         "harvest_vs_bare_ratio": round(bare / ours, 3),
