@@ -17,5 +17,5 @@ timeout "${BENCH_TIMEOUT:-150}" python benchmarks/gpu_step.py --configs G --brea
 timeout "${BENCH_TIMEOUT:-150}" python benchmarks/gpu_step.py --configs L --breakdown \
     --json "$OUT/gpu_step_L.json" 2>&1 | tee "$OUT/gpu_step_L.log"
 timeout "${BENCH_TIMEOUT:-150}" python benchmarks/harvest.py --device cuda --dtype bfloat16 \
-    --no-rss --layers 8 --d-model 1536 --tokens 262144 --context 512 --batch 32 \
-    2>&1 | grep -v "it/s\]" | tee "$OUT/harvest_gpu.log"
+    --no-rss --layers 8 --d-model 1536 --tokens 262144 --context 512 --batch 32 --profile \
+    2> "$OUT/harvest_profile.txt" | tee "$OUT/harvest_gpu.log"

@@ -63,7 +63,7 @@ def _bare_truncated(root: Path, cfg: HarvestConfig, n_layers: int) -> float:
     models = []
     for name in ("base", "chat"):
         model = AutoModelForCausalLM.from_pretrained(
-            root / name, num_hidden_layers=keep, torch_dtype=getattr(torch, cfg.dtype))
+            root / name, num_hidden_layers=keep, dtype=getattr(torch, cfg.dtype))
         models.append(model.model.to(cfg.device).eval())  # the decoder stack, no lm_head
     _sync(cfg.device)
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def _early_stop(root: Path, args: argparse.Namespace, repeats: int = 5) -> tuple
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        root / "base", torch_dtype=getattr(torch, args.dtype)).to(args.device).eval()
+        root / "base", dtype=getattr(torch, args.dtype)).to(args.device).eval()
     _, blocks = find_blocks(model)
     reader = SiteReader(model, blocks, [resolve_site(args.site, len(blocks))])
     ids = torch.randint(7, 100, (args.batch, args.context), device=args.device)
@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the models' dtype")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the harvest call spends its time (cProfile)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,9 +175,21 @@ def main() -> None:
 
     # Warm-up: the first harvest in a process pays transformers' lazy imports (~2 s).
     harvest(_config(root, 512, args), root / "warmup", progress=False)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     store = harvest(cfg, root / "store", progress=False)
     ours = time.perf_counter() - start
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(35)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(20)
     bare = _bare_truncated(root, cfg, args.layers)
     full, early = _early_stop(root, args)
     read_ours, read_plain = _read(root / "store")

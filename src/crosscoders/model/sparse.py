@@ -74,6 +74,20 @@ class SparseCodes:
     def tokens_by_latent_E(self) -> Tensor:
         return self.token_idx_E[self.latent_order_E]
 
+    def sum_by_latent(self, values_E: Tensor) -> Tensor:
+        """[F] sum of ``values_E`` over each latent's entries, in a fixed order.
+
+        On CUDA ``index_add_`` adds with atomics in whatever order threads arrive, so two
+        runs differ in the last bits; a float64 prefix sum over the latent-sorted entries
+        gives the same bits every run (and the same sums to ~1e-16 relative).
+        """
+        if values_E.device.type == "cpu":  # index_add_ is sequential, hence exact-order
+            return values_E.new_zeros(self.n_latents).index_add_(0, self.latent_idx_E, values_E)
+        csum = torch.cumsum(values_E[self.latent_order_E].double(), 0)
+        csum = torch.cat([csum.new_zeros(1), csum])
+        crow = self.latent_crow
+        return (csum[crow[1:]] - csum[crow[:-1]]).to(values_E.dtype)
+
     @cached_property
     def latent_crow(self) -> Tensor:
         """CSR row pointer [F + 1] over latents (entries in ``latent_order_E``)."""
@@ -207,7 +221,7 @@ class _GatherPreacts(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_W = grouped_by_latent(codes, grad_E, x_BX, "grad_W_enc").view(F_, S, D)
         if ctx.needs_input_grad[3]:
-            grad_b = grad_E.new_zeros(F_).index_add_(0, codes.latent_idx_E, grad_E)
+            grad_b = codes.sum_by_latent(grad_E)
         if ctx.needs_input_grad[1]:
             dense = codes.with_values(grad_E).to_dense()
             grad_x = dense @ W_enc_FSD.reshape(F_, S * D)

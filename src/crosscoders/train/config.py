@@ -54,6 +54,9 @@ class TrainConfig(Config):
     #: same selection as fp32 (docs/training.md); auto: on for fp32 on CPUs with AMX bf16
     screen: Literal["auto", "on", "off"] = "auto"
     progress: bool = True
+    #: batches read ahead on a background thread and copied to the device while the
+    #: previous step computes; None: 2 on CUDA, 0 (read inline) on CPU
+    prefetch: int | None = None
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
@@ -70,8 +73,12 @@ class TrainConfig(Config):
             raise ConfigError("lr_warmup_frac + lr_decay_frac must be <= 1")
         if self.eval_tokens < 0:
             raise ConfigError(f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0 batches (0: read inline), got "
+                              f"{self.prefetch}")
         if self.k_start is not None and self.k_start < 1:
             raise ConfigError(f"k_start must be >= 1, got {self.k_start}")
 
     #: fields that may differ when resuming a run (they do not change the result)
-    RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "progress", "device")
+    RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "progress", "device",
+                         "prefetch")

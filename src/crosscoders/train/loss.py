@@ -120,17 +120,16 @@ class SparseStep:
     def __init__(self, screen: bool = False) -> None:
         #: BatchTopK selection by a bf16 GEMM plus exact recomputation (model/screen.py)
         self.screen = screen
-        self._scores: Tensor | None = None
-        self._W_scaled: Tensor | None = None
+        self._buffers: dict[str, Tensor] = {}  # [B, F] scores, scaled encoder
         self._grad_workspace: dict = {}  # weight-gradient buffers, see grouped_by_latent
         self._screen_workspace: dict = {}
 
-    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        buf = getattr(self, name)
-        wanted = (torch.Size(shape), like.dtype, like.device)
-        if buf is None or (buf.shape, buf.dtype, buf.device) != wanted:
-            buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-            setattr(self, name, buf)
+    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor,
+                dtype: torch.dtype | None = None) -> Tensor:
+        dtype = dtype or like.dtype
+        buf = self._buffers.get(name)
+        if buf is None or (buf.shape, buf.dtype, buf.device) != (shape, dtype, like.device):
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
         return buf
 
     def _uses_screen(self, model: Crosscoder, x_BSD: Tensor) -> bool:
@@ -156,19 +155,20 @@ class SparseStep:
                 found = screened_topk_per_token(x_BX, W_enc_FX, b_enc_F, w_F, k,
                                                 self._screen_workspace)
             return (*found, None)
-        # GEMM on the norm-weighted encoder: scores = pre * w directly, no extra pass
-        W_scaled_FX = self._buffer("_W_scaled", (F_, X), x_BX)
+        # GEMM on the norm-weighted encoder: scores = pre * w directly, no extra pass.
+        # Under autocast the scaled encoder is written straight in bf16 and the selection
+        # reads the bf16 scores (the order their fp32 copies would have): no cast passes.
+        dtype = torch.bfloat16 if torch.is_autocast_enabled(x_BX.device.type) else x_BX.dtype
+        W_scaled_FX = self._buffer("W_scaled", (F_, X), x_BX, dtype)
         torch.mul(W_enc_FX, w_F[:, None], out=W_scaled_FX)
-        if torch.is_autocast_enabled(x_BX.device.type):  # low-precision GEMM, fp32 scores
-            scores_BF = torch.addmm(b_enc_F * w_F, x_BX, W_scaled_FX.T).float()
-        else:
-            scores_BF = self._buffer("_scores", (B, F_), x_BX)
-            torch.addmm(b_enc_F * w_F, x_BX, W_scaled_FX.T, out=scores_BF)
+        scores_BF = self._buffer("scores", (B, F_), x_BX, dtype)
+        with torch.autocast(x_BX.device.type, enabled=False):
+            torch.addmm((b_enc_F * w_F).to(dtype), x_BX.to(dtype), W_scaled_FX.T, out=scores_BF)
         if isinstance(act, BatchTopK):
             token_idx, latent_idx = act.select(scores_BF, k, knobs.threshold_hint)
         else:
             token_idx, latent_idx = act.select(scores_BF, k)
-        kept_E = scores_BF[token_idx, latent_idx]
+        kept_E = scores_BF[token_idx, latent_idx].to(x_BX.dtype)
         return token_idx, latent_idx, kept_E / w_F[latent_idx], kept_E, scores_BF
 
     def __call__(self, model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:

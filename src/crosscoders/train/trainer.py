@@ -28,6 +28,7 @@ from crosscoders.model.screen import bf16_screen_available
 from crosscoders.train.config import TrainConfig
 from crosscoders.train.loss import LossTerms, SparseStep, StepKnobs, dense_loss
 from crosscoders.train.normalise import estimate_scale, scale_from_mean_squared_norm
+from crosscoders.train.prefetch import device_batches
 
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -133,12 +134,22 @@ class Trainer:
         if not resumed:
             self._init_from_data()
         c = self.config
-        batches = self.source.batches(c.batch_size, c.seed, start=self.step)
+        depth = c.prefetch if c.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+        batches = device_batches(self.source.batches(c.batch_size, c.seed, start=self.step),
+                                 self.device, depth)
+        try:
+            return self._loop(batches)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+
+    def _loop(self, batches) -> Crosscoder:
+        c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, unit="step",
                    desc="train", dynamic_ncols=True)
         self.model.train()
         while self.step < c.steps:
-            x_BSD = next(batches).to(self.device, non_blocking=True)
+            x_BSD = next(batches)
             x_BSD = x_BSD * self.scale_S.to(x_BSD.dtype)[:, None]
             terms = self._train_step(x_BSD)
             self.step += 1
