@@ -196,11 +196,34 @@ def _breakdown(trainer: Trainer, x_BSD, timer: _Timer, repeats: int) -> dict:
 
         parts["sparse_fwd"] = timer.median_ms(forward, repeats)
         parts["sparse_fwd_bwd"] = timer.median_ms(forward_backward, repeats)
+    parts.update(_decode_alternatives(model, token_idx, latent_idx, pre_E, B, timer, repeats))
     forward_backward()
     parts["clip"] = timer.median_ms(lambda: trainer._clip_gradients(1e-30), repeats)
     trainer.optimizer.grad_scale = None
     parts["adam"] = timer.median_ms(trainer.optimizer.step, repeats)
     return parts
+
+
+def _decode_alternatives(model, token_idx, latent_idx, pre_E, B, timer, repeats) -> dict:
+    """Other exact ways to run the sparse decode, for choosing one per device."""
+    import torch.nn.functional as F
+
+    from crosscoders.model.sparse import SparseCodes
+
+    codes = SparseCodes(token_idx, latent_idx, pre_E.float(), B, model.dict_size)
+    W_FX = model.W_dec.detach().reshape(model.dict_size, -1)
+    offsets = codes.token_offsets_B
+    values = codes.values_E.relu()
+    out = {"decode_embag_fp32": timer.median_ms(lambda: F.embedding_bag(
+        latent_idx, W_FX, offsets, mode="sum", per_sample_weights=values), repeats)}
+    W_bf, v_bf = W_FX.bfloat16(), values.bfloat16()
+    out["decode_embag_bf16"] = timer.median_ms(lambda: F.embedding_bag(
+        latent_idx, W_bf, offsets, mode="sum", per_sample_weights=v_bf), repeats)
+    out["cast_W_dec_bf16"] = timer.median_ms(lambda: W_FX.to(torch.bfloat16), repeats)
+    csr_BF = torch.sparse_csr_tensor(codes.token_crow, latent_idx, values,
+                                     size=(B, model.dict_size))
+    out["decode_spmm_fp32"] = timer.median_ms(lambda: csr_BF @ W_FX, repeats)
+    return out
 
 
 def _end_to_end(model, S, D, B, device, timer: _Timer, repeats: int, result: dict) -> dict:
