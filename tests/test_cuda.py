@@ -220,33 +220,75 @@ def _run_training(run_dir: Path, steps: int, kill_after: float | None = None) ->
     proc.wait()
 
 
+def _fvu(model, x):
+    with torch.no_grad():
+        return float((model(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
 def test_kill_and_resume_on_device(tmp_path):
-    from safetensors.torch import load_file
+    """kill -9 at any moment, then the same command: the run finishes, logs each step
+    once, and ends as good as an uninterrupted one.
+
+    Bit-equality is not asserted on CUDA: the restored state is exact (see the next
+    test), but cuSPARSE's products differ in the last bit between allocations, and over
+    1,500 steps BatchTopK's discrete selection can turn such a bit into another
+    trajectory (measured on an H200: 2e-7 between two fresh runs, 0.14 max relative
+    weight difference after a resume; docs/training.md).
+    """
+    from crosscoders import Crosscoder
 
     steps = 1500
     _run_training(tmp_path / "ref", steps)
-    _run_training(tmp_path / "ref2", steps)
-    ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    ref2 = load_file(str(tmp_path / "ref2" / "model.safetensors"))
     run = tmp_path / "killed"
     _run_training(run, steps, kill_after=0.05)
     assert not (run / "model.safetensors").exists(), "kill came too late to test resume"
     _run_training(run, steps)
-    resumed = load_file(str(run / "model.safetensors"))
-
-    def rel(a, b):
-        return max(float((a[n] - b[n]).abs().max() / a[n].abs().max().clamp_min(1e-30))
-                   for n in a if a[n].is_floating_point())
-
-    run_to_run, after_resume = rel(ref, ref2), rel(ref, resumed)
-    _report("kill_resume", run_to_run_rel=run_to_run, resumed_rel=after_resume, steps=steps)
-    if run_to_run == 0:  # deterministic kernels: resume must be bit-exact
-        assert after_resume == 0
-    else:  # only the order of atomic additions may differ, as between two plain runs
-        assert after_resume <= max(1e-3, 10 * run_to_run)
+    acts, _ = planted_acts(n=8192)
+    x = acts[:4096]
+    fvu_ref = _fvu(Crosscoder.load(tmp_path / "ref"), x)
+    fvu_res = _fvu(Crosscoder.load(run), x)
+    _report("kill_resume", fvu_ref=fvu_ref, fvu_resumed=fvu_res, steps=steps)
+    assert abs(fvu_res - fvu_ref) <= 0.2 * fvu_ref + 1e-3
     lines = (run / "metrics.jsonl").read_text().splitlines()
     logged = [json.loads(x)["step"] for x in lines if '"train"' in x]
     assert logged == list(range(5, steps + 1, 5))
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "relu"])
+def test_resume_restores_the_exact_state_on_device(tmp_path, activation):
+    """Interrupted at step 37, resumed from the step-30 checkpoint: the steps after the
+    resume see the same losses as the uninterrupted run (to the last bits of CUDA's
+    kernels), so nothing of the state is lost in the checkpoint."""
+    from crosscoders.data import TensorSource
+
+    acts, _ = planted_acts(n=8192)
+    cfg = CrosscoderConfig(n_sources=2, d_model=16, dict_size=128, activation=activation, k=4)
+
+    class Interrupted(TensorSource):
+        def batches(self, batch_size, seed, start=0):
+            for i, batch in enumerate(super().batches(batch_size, seed, start)):
+                if i == 37:
+                    raise KeyboardInterrupt
+                yield batch
+
+    def config():
+        return TrainConfig(steps=120, batch_size=256, checkpoint_every=10, eval_every=50,
+                           log_every=1, eval_tokens=256, progress=False, device=DEVICE)
+
+    def losses(run_dir):
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+    train(cfg, acts, config(), run_dir=tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, Interrupted(acts, 256, name="tensor"), config(), run_dir=tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 30
+    train(cfg, acts, config(), run_dir=tmp_path / "run")
+    ref, resumed = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(ref) == sorted(resumed) == list(range(1, 121))
+    worst = max(abs(ref[s] - resumed[s]) / abs(ref[s]) for s in range(31, 61))
+    _report(f"resume_state/{activation}", max_rel_loss_diff_steps_31_60=worst)
+    assert worst <= 1e-5
 
 
 def test_bf16_autocast_recovers_planted_features():

@@ -31,6 +31,14 @@ def test_same_batches_in_the_same_order_as_float32():
     assert all(torch.equal(a, b) for a, b in zip(got, inline))
 
 
+def test_next_after_the_end_keeps_raising_stop_iteration():
+    batches = DeviceBatches(iter(_batches(2)), CPU, depth=2)
+    assert len(list(batches)) == 2
+    for _ in range(2):
+        with pytest.raises(StopIteration):
+            next(batches)
+
+
 def test_float64_batches_stay_float64():
     source = _batches(3, torch.float64)
     assert all(b.dtype == torch.float64 for b in DeviceBatches(iter(source), CPU, 2))

@@ -35,6 +35,7 @@ class DeviceBatches:
         self._pin = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._in_flight: tuple[Tensor, torch.cuda.Event] | None = None
+        self._ended = False  # the source is exhausted (finite iterables)
         self._thread = threading.Thread(target=self._work, name="crosscoders-prefetch",
                                         daemon=True)
         self._thread.start()
@@ -62,6 +63,8 @@ class DeviceBatches:
 
     # ----------------------------------------------------------------- consumer
     def _take_host(self) -> Tensor:
+        if self._ended:
+            raise StopIteration
         while True:
             try:
                 kind, item = self._queue.get(timeout=_POLL_S)
@@ -75,6 +78,7 @@ class DeviceBatches:
             if kind == "error":
                 raise item
             if kind == "end":
+                self._ended = True
                 raise StopIteration
             return item
 
@@ -91,7 +95,7 @@ class DeviceBatches:
     def __next__(self) -> Tensor:
         if self._stream is None:  # CPU: the thread already did the reading
             return _as_float(self._take_host())
-        if self._in_flight is None:
+        if self._in_flight is None:  # first call, or the source ended
             self._in_flight = self._issue(self._take_host())
         batch, ready = self._in_flight
         try:
