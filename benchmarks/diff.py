@@ -8,7 +8,7 @@ and example collection (every latent). The baseline reads the same rows in the s
 batches and only calls ``model.encode``. Target: pass >= 0.7x the encode throughput.
 With ``--store`` both read from an activation store written to a temporary directory.
 
-Where the bf16-screened selection applies (CPUs with AMX, see docs/training.md), both the
+Where the bf16-screened selection applies (CPUs where it pays, see docs/training.md), both the
 pass and ``encode`` use it; "fp32 encode" is ``encode`` with it switched off
 (``model.screen_inference = False``), the encoder-GEMM baseline it replaces.
 """

@@ -6,9 +6,10 @@
 Prints, per config, milliseconds per step and the ratios the project tracks: our step over
 the fp32 encoder-forward GEMM alone (the floor of an fp32 selection: everything else can be
 made sparse) and the dense reference step over ours. "ours" is the default trainer, which
-screens the selection with a bf16 GEMM where that is fast (CPUs with AMX; see
-docs/training.md); "no screen" is the same step with ``screen="off"``, and "bf16 gemm" the
-screen's GEMM alone. Also peak RSS of the process while training config A.
+screens the selection with a bf16 GEMM where that pays (decided by a probe once per
+process, printed first; see docs/training.md); "no screen" is the same step with
+``screen="off"``, and "bf16 gemm" the screen's GEMM alone. Also peak RSS of the process
+while training config A.
 All numbers come from the same run, on the same machine, in the same process.
 """
 
@@ -21,6 +22,7 @@ import psutil
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig
+from crosscoders.model.screen import screen_decision
 from crosscoders.train import Trainer
 
 CONFIGS = {
@@ -133,6 +135,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.activation}")
+    decision = screen_decision(torch.device("cpu"))
+    print(f"screen auto: {'on' if decision.available else 'off'} ({decision.reason}; "
+          f"cpu bf16 features: {', '.join(decision.cpu_features) or 'none reported'})")
     if not args.no_rss:
         print(f"peak RSS while training config A: {peak_rss_training_a():.2f} GB")
     header = (f"{'config':6} {'gemm ms':>8} {'bf16 ms':>8} {'ours ms':>8} {'no-screen':>9} "
@@ -143,7 +148,7 @@ def main() -> None:
         print(f"{name:6} {r['gemm_ms']:8.1f} {r['gemm_bf16_ms']:8.1f} {r['ours_ms']:8.1f} "
               f"{r['no_screen_ms']:9.1f} {r['dense_ms']:9.1f} {r['ours_over_gemm']:10.2f} "
               f"{r['no_screen_over_gemm']:15.2f} {r['dense_over_ours']:11.2f}"
-              + ("" if r["screened"] else "   (screen unavailable here: ours = no-screen)"))
+              + ("" if r["screened"] else "   (screen auto is off here: ours = no-screen)"))
 
 
 if __name__ == "__main__":

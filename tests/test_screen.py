@@ -1,8 +1,11 @@
-"""The bf16-screened BatchTopK selection finds exactly what an fp32 selection finds."""
+"""The bf16-screened selection finds exactly what an fp32 selection finds; `auto` uses it
+where it is accurate and measured to pay."""
 
 import pytest
 import torch
 
+from crosscoders import TrainConfig
+from crosscoders.data import as_source
 from crosscoders.model import Crosscoder, CrosscoderConfig
 from crosscoders.model.screen import (
     SCREEN_BLOCK,
@@ -12,7 +15,9 @@ from crosscoders.model.screen import (
     screened_topk_per_token,
 )
 from crosscoders.model.sparse import batch_topk, topk_per_token
+from crosscoders.train import Trainer
 from crosscoders.train.loss import SparseStep, StepKnobs, dense_loss
+from helpers import planted_acts
 
 
 def _problem(B=96, F=512, X=48, seed=0, bias=0.3, spread=True):
@@ -226,3 +231,144 @@ def test_probe_rejects_a_gemm_that_accumulates_in_bf16(monkeypatch):
 
     monkeypatch.setattr(torch, "mm", bf16_accumulating_mm)
     assert not screen.bf16_gemm_meets_bound.__wrapped__()
+
+
+# ----------------------------------------------------------------- the auto decision
+
+
+@pytest.fixture
+def decide(monkeypatch):
+    """Set what the probes report: ``decide(bf16_ms, fp32_ms, accurate=True)``; returns
+    the list of timing calls. The real decision cache is restored afterwards."""
+    from crosscoders.model import screen
+
+    saved = dict(screen._decisions)
+    screen._decisions.clear()
+    timings = []
+
+    def set_probes(bf16_ms: float, fp32_ms: float, accurate: bool = True) -> list:
+        def fake_timing():
+            timings.append(torch.get_num_threads())
+            return bf16_ms, fp32_ms
+
+        monkeypatch.setattr(screen, "measure_gemm_ms", fake_timing)
+        monkeypatch.setattr(screen, "bf16_gemm_meets_bound", lambda: accurate)
+        return timings
+
+    yield set_probes
+    screen._decisions.clear()
+    screen._decisions.update(saved)
+
+
+def _trainer(screen: str = "auto", run_dir=None):
+    tc = TrainConfig(steps=4, batch_size=256, progress=False, eval_tokens=0, screen=screen)
+    model = Crosscoder(CrosscoderConfig(n_sources=2, d_model=16, dict_size=128, k=4))
+    return Trainer(model, as_source(planted_acts(n=1024)[0], 0, 256), tc, run_dir)
+
+
+def test_timing_probe_runs_once_per_process_and_thread_count(decide):
+    from crosscoders.model.screen import bf16_screen_available, screen_decision
+
+    timings = decide(10.0, 40.0)
+    cpu = torch.device("cpu")
+    first = screen_decision(cpu)
+    assert first.available and first.ratio == 0.25
+    assert (first.t_bf16_ms, first.t_fp32_ms) == (10.0, 40.0)
+    assert "0.25" in first.reason
+    assert bf16_screen_available(cpu) and _trainer().sparse_step.screen
+    assert screen_decision(cpu) is first
+    assert len(timings) == 1
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    try:
+        torch.set_num_threads(other)
+        screen_decision(cpu)
+        screen_decision(cpu)
+    finally:
+        torch.set_num_threads(threads)
+    assert timings == [threads, other]  # the other thread count is measured once, too
+    assert screen_decision(cpu) is first
+
+
+def test_slow_bf16_gemm_turns_auto_off(decide):
+    from crosscoders.model.screen import MAX_BF16_TIME_RATIO, screen_decision
+
+    decide(MAX_BF16_TIME_RATIO * 40.0 * 1.05, 40.0)
+    decision = screen_decision(torch.device("cpu"))
+    assert not decision.available and decision.ratio > MAX_BF16_TIME_RATIO
+    assert not _trainer().sparse_step.screen
+    model = _inference_model("topk")
+    with torch.no_grad():
+        model.encode(torch.randn(600, 2, 16))
+    assert len(model._screen_workspace) == 0  # the fp32 GEMM ran
+
+
+def test_fast_bf16_gemm_turns_auto_on(decide):
+    from crosscoders.model.screen import MAX_BF16_TIME_RATIO, screen_decision
+
+    decide(MAX_BF16_TIME_RATIO * 40.0 * 0.95, 40.0)
+    assert screen_decision(torch.device("cpu")).available
+    assert _trainer().sparse_step.screen
+    model = _inference_model("topk")
+    with torch.no_grad():
+        model.encode(torch.randn(600, 2, 16))
+    assert len(model._screen_workspace) > 0  # the screened path ran
+
+
+def test_inaccurate_bf16_gemm_turns_auto_off_however_fast(decide):
+    from crosscoders.model.screen import screen_decision
+
+    timings = decide(1.0, 100.0, accurate=False)
+    decision = screen_decision(torch.device("cpu"))
+    assert not decision.available and "accuracy probe" in decision.reason
+    assert not _trainer().sparse_step.screen
+    assert timings == []  # an inaccurate GEMM is never used, so never timed
+
+
+def test_screen_on_and_off_override_the_measurement(decide):
+    timings = decide(1.0, 100.0)  # would be on
+    assert not _trainer("off").sparse_step.screen
+    decide(100.0, 1.0)  # would be off
+    assert _trainer("on").sparse_step.screen
+    assert timings == []  # neither setting needs the probes
+    model = _inference_model("topk")
+    model.screen_inference = True
+    with torch.no_grad():
+        model.encode(torch.randn(600, 2, 16))
+    assert len(model._screen_workspace) > 0 and timings == []
+
+
+def test_auto_stays_off_on_cuda_without_measuring(decide):
+    from crosscoders.model.screen import screen_decision
+
+    timings = decide(1.0, 100.0)
+    decision = screen_decision(torch.device("cuda"))
+    assert not decision.available and "cuda" in decision.reason
+    assert timings == []
+
+
+def test_decision_is_not_part_of_the_run_identity(decide, tmp_path):
+    from crosscoders.model import screen
+
+    decide(1.0, 100.0)
+    first = _trainer(run_dir=tmp_path)
+    assert first.sparse_step.screen
+    first.run()
+    run_json = (tmp_path / "run.json").read_text()
+
+    screen._decisions.clear()
+    decide(100.0, 1.0)  # another machine, say: auto now decides off
+    again = _trainer(run_dir=tmp_path)
+    assert not again.sparse_step.screen
+    again.run()  # resuming is not refused
+    assert again.step == 4
+    assert (tmp_path / "run.json").read_text() == run_json
+
+
+def test_gemm_timing_measures_both_gemms():
+    from crosscoders.model.screen import measure_gemm_ms
+
+    state = torch.get_rng_state()
+    t_bf16, t_fp32 = measure_gemm_ms()
+    assert 0 < t_bf16 < 1e4 and 0 < t_fp32 < 1e4
+    assert torch.equal(torch.get_rng_state(), state)  # training's RNG stream is untouched

@@ -81,7 +81,7 @@ class Crosscoder(nn.Module):
         #: free-form provenance saved in config.json (models, sites, data): set by pipelines
         self.metadata: dict[str, Any] = {}
         #: bf16-screened exact TopK/BatchTopK inference (docs/training.md): None = where
-        #: fast (CPUs with AMX), False = always the fp32 GEMM
+        #: it pays (measured once per process), False = always the fp32 GEMM
         self.screen_inference: bool | None = None
         self._screen_workspace = Scratch()
 
@@ -205,14 +205,11 @@ class Crosscoder(nn.Module):
         """Inference by the bf16-screened exact selection (model/screen.py), or None.
 
         Applies without autograd, in eval mode, in fp32, to TopK and to BatchTopK with a
-        positive threshold, where ``screen_inference`` allows it (default: CPUs with AMX).
-        The result equals the fp32 GEMM's up to fp32 rounding.
+        positive threshold, where ``screen_inference`` allows it (default: where it pays,
+        measured once per process). The result equals the fp32 GEMM's up to fp32 rounding.
         """
         act = self.activation
-        use = self.screen_inference
-        if use is None:
-            use = bf16_screen_available(self.W_enc_FSD.device)
-        if (not use or torch.is_grad_enabled() or self.training
+        if (self.screen_inference is False or torch.is_grad_enabled() or self.training
                 or self.dict_size % SCREEN_BLOCK or len(x_BSD) < _MIN_SCREEN_BATCH):
             return None
         if not isinstance(act, (TopK, BatchTopK)) or (
@@ -220,6 +217,9 @@ class Crosscoder(nn.Module):
             return None
         x_BX = self._check_input(x_BSD).flatten(-2)
         if x_BX.dtype != torch.float32:
+            return None
+        # last: the first decision in a process runs the probes
+        if self.screen_inference is None and not bf16_screen_available(self.W_enc_FSD.device):
             return None
         F_ = self.dict_size
         W_FX = self.W_enc_FSD.reshape(F_, -1)

@@ -3,7 +3,7 @@
 The fp32 encoder GEMM ``x @ W_enc`` is the most expensive part of a TopK training step,
 yet only ``n_keep = k * B`` of its ``B * F`` outputs survive. This module finds exactly
 the same ``n_keep`` entries as an fp32 GEMM would, computing the full product only in
-bf16 (8x faster on CPUs with AMX) and recomputing the few candidates in fp32:
+bf16 (4-8x faster on CPUs with bf16 hardware) and recomputing the few candidates in fp32:
 
 1. ``s~ = bf16(x) @ bf16(W * w)`` with the bias as an extra column, so ``s~`` estimates the
    norm-weighted pre-activation ``s = w_i * (x . W_i + b_i)`` of every entry.
@@ -22,10 +22,11 @@ bf16 (8x faster on CPUs with AMX) and recomputing the few candidates in fp32:
 Per-token TopK (:func:`screened_topk_per_token`) is the same with one cut per token: first
 its k-th largest block estimate, verified after recomputation, else the proven bound.
 
-The bound assumes fp32 accumulation in the bf16 GEMM: oneDNN (AMX) does so on CPU, and on
-CUDA reduced-precision reductions are switched off around the GEMM.
-:func:`bf16_screen_available` (the ``auto`` setting) reports only CPUs with AMX, where the
-bf16 GEMM is measured 8x faster than fp32.
+The bound assumes fp32 accumulation in the bf16 GEMM: oneDNN does so on CPU, and on CUDA
+reduced-precision reductions are switched off around the GEMM.
+:func:`screen_decision` (the ``auto`` setting) decides per process, on CPU only: this
+build's bf16 GEMM must pass the accuracy probe and, timed once, take at most
+:data:`MAX_BF16_TIME_RATIO` of the fp32 GEMM's time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -57,16 +60,114 @@ class Scratch(dict):
         return (Scratch, ())
 
 
+#: ``auto`` screens where the bf16 GEMM takes at most this fraction of the fp32 GEMM's time.
+#: Break-even is 0.72-0.91 on the measured CPUs (docs/training.md); the margin covers the
+#: probe's shape and noise.
+MAX_BF16_TIME_RATIO = 0.6
+_PROBE_SHAPE = (512, 1024, 4096)  # (B, X, F) of the timed GEMMs: ~4 GFLOP each
+_PROBE_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class ScreenDecision:
+    """What ``screen="auto"`` decided for a device, and why (see :func:`screen_decision`)."""
+
+    available: bool
+    reason: str
+    t_bf16_ms: float | None = None  # fastest of the timed bf16 GEMMs
+    t_fp32_ms: float | None = None
+    #: bf16 features the CPU reports (information only: the decision is measured)
+    cpu_features: tuple[str, ...] = ()
+
+    @property
+    def ratio(self) -> float | None:
+        """bf16 over fp32 GEMM time (None where not measured)."""
+        if self.t_bf16_ms is None or self.t_fp32_ms is None:
+            return None
+        return self.t_bf16_ms / self.t_fp32_ms
+
+
 def bf16_screen_available(device: torch.device) -> bool:
-    """True where a bf16 GEMM is fast and accumulates in fp32: CPUs with AMX bf16 whose
-    GEMM passes :func:`bf16_gemm_meets_bound` (checked once per process)."""
+    """Does ``auto`` screen on ``device``? (:func:`screen_decision`'s verdict.)"""
+    return screen_decision(device).available
+
+
+_decisions: dict[int, ScreenDecision] = {}
+_decisions_lock = threading.Lock()
+
+
+def screen_decision(device: torch.device) -> ScreenDecision:
+    """Whether screening pays on ``device``, decided once per process and thread count.
+
+    CPU only (CUDA stays off until it has been measured there): this build's bf16 GEMM
+    must stay within the error bound (:func:`bf16_gemm_meets_bound`) and take at most
+    :data:`MAX_BF16_TIME_RATIO` of the fp32 GEMM's time (:func:`measure_gemm_ms`).
+    """
     if device.type != "cpu":
-        return False
-    try:
-        fast = bool(torch.cpu._is_amx_tile_supported()) and torch.backends.mkldnn.is_available()
-    except AttributeError:  # older torch without the probe
-        return False
-    return fast and bf16_gemm_meets_bound()
+        return ScreenDecision(False, f"auto does not screen on {device.type}: not measured "
+                                     "there yet (screen='on' forces it)")
+    threads = torch.get_num_threads()
+    with _decisions_lock:  # one measurement per key, never two at once
+        if threads not in _decisions:
+            _decisions[threads] = _decide_cpu()
+        return _decisions[threads]
+
+
+def _decide_cpu() -> ScreenDecision:
+    features = _cpu_bf16_features()
+    # a caller's autocast would turn the fp32 GEMM into a bf16 one
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        if not bf16_gemm_meets_bound():
+            return ScreenDecision(False, "this build's bf16 GEMM fails the accuracy probe",
+                                  cpu_features=features)
+        t_bf16, t_fp32 = measure_gemm_ms()
+    pays = t_bf16 <= MAX_BF16_TIME_RATIO * t_fp32
+    verdict = "<=" if pays else ">"
+    reason = (f"bf16 GEMM {t_bf16:.1f} ms / fp32 {t_fp32:.1f} ms = {t_bf16 / t_fp32:.2f} "
+              f"{verdict} {MAX_BF16_TIME_RATIO}")
+    return ScreenDecision(pays, reason, t_bf16, t_fp32, features)
+
+
+def measure_gemm_ms() -> tuple[float, float]:
+    """(bf16, fp32) milliseconds of the screen's GEMM and the fp32 selection's GEMM at
+    :data:`_PROBE_SHAPE`, with the current thread count and no autocast: the fastest of a
+    few interleaved repeats after a warm-up (interleaved, so that load from elsewhere hits
+    both)."""
+    B, X, F_ = _PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    # uniform: cheaper to draw than normal, and the values do not change the speed
+    x_BX, W_FX, b_F = (torch.empty(shape).uniform_(-1, 1, generator=gen)
+                       for shape in ((B, X), (F_, X), (F_,)))
+    out_BF = torch.empty(B, F_)
+    X_pad = _padded_inner(X)
+    x_bf = torch.zeros(B, X_pad, dtype=torch.bfloat16)
+    W_bf = torch.zeros(F_, X_pad, dtype=torch.bfloat16)
+    x_bf[:, :X], W_bf[:, :X] = x_BX, W_FX
+    out_bf = torch.empty(B, F_, dtype=torch.bfloat16)
+    runs = {"bf16": lambda: torch.mm(x_bf, W_bf.T, out=out_bf),
+            "fp32": lambda: torch.addmm(b_F, x_BX, W_FX.T, out=out_BF)}
+    best = dict.fromkeys(runs, math.inf)
+    for run in runs.values():
+        run()  # warm-up: packing buffers, lazy kernel selection
+    for _ in range(_PROBE_REPEATS):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best["bf16"] * 1000, best["fp32"] * 1000
+
+
+def _cpu_bf16_features() -> tuple[str, ...]:
+    """The CPU's bf16 hardware as torch reports it (AMX tiles, AVX-512 bf16)."""
+    probes = (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    found = []
+    for name, probe in probes:
+        try:
+            if getattr(torch.cpu, probe)():
+                found.append(name)
+        except (AttributeError, RuntimeError):  # a torch without the probe
+            pass
+    return tuple(found)
 
 
 @functools.cache
@@ -321,7 +422,7 @@ def _bf16_scores(x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor,
     """
     B, X = x_BX.shape
     F_ = W_FX.shape[0]
-    X_pad = math.ceil((X + 1) / 32) * 32
+    X_pad = _padded_inner(X)
     bf16 = x_BX.new_empty(0, dtype=torch.bfloat16)
     x_aug = _workspace_buffer(workspace, "screen_x", (B, X_pad), bf16)
     W_aug = _workspace_buffer(workspace, "screen_W", (F_, X_pad), x_aug)
@@ -351,3 +452,8 @@ def _bf16_scores(x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor,
         return torch.mm(x_aug, W_aug.T, out=scores)
     finally:
         matmul.allow_bf16_reduced_precision_reduction = saved
+
+
+def _padded_inner(X: int) -> int:
+    """The bf16 GEMM's inner dimension: X plus the bias column, to a multiple of 32."""
+    return math.ceil((X + 1) / 32) * 32

@@ -51,7 +51,7 @@ class TrainConfig(Config):
     #: the fast TopK/BatchTopK path; False uses the dense reference (slow, for checks)
     sparse_kernels: bool = True
     #: BatchTopK selection from a bf16 GEMM with fp32 recomputation of the candidates: the
-    #: same selection as fp32 (docs/training.md); auto: on for fp32 on CPUs with AMX bf16
+    #: same selection as fp32 (docs/training.md); auto: on for fp32 on CPUs where it pays
     screen: Literal["auto", "on", "off"] = "auto"
     progress: bool = True
     #: batches read ahead on a background thread and copied to the device while the
