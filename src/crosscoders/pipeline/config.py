@@ -9,7 +9,7 @@ from typing import Any
 from crosscoders.configs import Config
 from crosscoders.diff.run import DiffConfig
 from crosscoders.errors import ConfigError
-from crosscoders.harvest.config import HarvestConfig
+from crosscoders.harvest.config import DataSpec, HarvestConfig, ModelSpec
 from crosscoders.model import CrosscoderConfig
 from crosscoders.organism import OrganismConfig
 from crosscoders.train import TrainConfig
@@ -44,6 +44,43 @@ class LayersSection(Config):
 
 
 @dataclass
+class HarvestSection(HarvestConfig):
+    """The ``harvest`` section: a :class:`HarvestConfig`, or ``store: PATH`` to reuse a store
+    made by ``crosscoders harvest`` instead of harvesting.
+
+    With ``store`` the store's own harvest settings apply, so the other keys stay unset,
+    except ``models``: if given, they must yield the store's sources from the same weights
+    (useful when the paths the store recorded have moved).
+    """
+
+    models: list[ModelSpec] = field(default_factory=list)
+    data: list[DataSpec] = field(default_factory=list)
+    store: str | None = None
+
+    def validate(self) -> None:
+        if self.store is None:
+            super().validate()
+            return
+        if not self.store:
+            raise ConfigError("store: empty; give the directory of an activation store")
+        for f in dataclasses.fields(self):
+            if f.name in ("models", "store"):
+                continue
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            if getattr(self, f.name) != default:
+                raise ConfigError(
+                    f"{f.name}: not used with store (the store's own harvest settings apply); "
+                    "remove it, or remove store to harvest"
+                )
+
+    def harvest_config(self) -> HarvestConfig:
+        """The section as a plain :class:`HarvestConfig` (needs ``store`` unset)."""
+        data = self.to_dict()
+        data.pop("store")
+        return HarvestConfig.from_dict(data)
+
+
+@dataclass
 class PipelineConfig(Config):
     """``harvest`` -> ``crosscoder`` + ``train`` -> ``diff`` -> ``report``.
 
@@ -54,10 +91,11 @@ class PipelineConfig(Config):
     ``d_model`` (read from the store), plus ``expansion`` (dict size as a multiple of
     ``d_model``). ``organism`` (optional) builds the built-in model organism first; model
     and data paths written ``organism:base``, ``organism:chat``, ``organism:pretrain`` and
-    ``organism:chat_data`` then point into it.
+    ``organism:chat_data`` then point into it. ``harvest.store`` reuses a store made by
+    ``crosscoders harvest`` (see :class:`HarvestSection`).
     """
 
-    harvest: HarvestConfig
+    harvest: HarvestSection
     out: str = "runs/experiment"
     crosscoder: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -65,6 +103,11 @@ class PipelineConfig(Config):
     report: ReportSection = field(default_factory=ReportSection)
     layers: LayersSection = field(default_factory=LayersSection)
     organism: OrganismConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.harvest, HarvestConfig) and not isinstance(self.harvest, HarvestSection):
+            self.harvest = HarvestSection.from_dict(self.harvest.to_dict(), _path="harvest")
+        super().__post_init__()
 
     def validate(self) -> None:
         allowed = {f.name for f in dataclasses.fields(CrosscoderConfig)} - set(DERIVED)
@@ -75,7 +118,7 @@ class PipelineConfig(Config):
                 raise ConfigError(
                     f"unknown key crosscoder.{key}{hint}; valid keys: {', '.join(sorted(allowed))}"
                 )
-        n_sites = sum(len(m.sites) for m in self.harvest.models)
+        n_sites = sum(len(m.sites) for m in self.harvest.models) or 2  # 0: read from store
         self.crosscoder_config(n_sources=n_sites, d_model=4096)  # type check
 
     def crosscoder_config(self, n_sources: int, d_model: int,

@@ -7,9 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crosscoders.errors import ConfigError
+from crosscoders.errors import ConfigError, CrosscodersError
 from crosscoders.pipeline.config import PipelineConfig
-from crosscoders.pipeline.stages import StageOutcome, run_stage
+from crosscoders.pipeline.stages import (
+    STAGE_DIR,
+    StageOutcome,
+    config_hash,
+    is_stage_entry,
+    read_record,
+    run_stage,
+)
+from crosscoders.store import format as store_format
 
 ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
                          "organism:chat_data")
@@ -23,7 +31,9 @@ class PipelineResult:
 
     @property
     def store_dir(self) -> Path:
-        return self.out / "store"
+        """``out/store``, or the store ``harvest.store`` names."""
+        outcome = self.stages.get("harvest")
+        return outcome.directory if outcome else self.out / "store"
 
     @property
     def run_dir(self) -> Path:
@@ -55,8 +65,10 @@ class PipelineResult:
 
 def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> PipelineResult:
     """Run organism (optional) -> harvest -> train -> diff -> report into ``config.out``."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.out).expanduser()
+    claim_out(out)
+    if config.harvest.store is None:
+        _refuse_foreign_store(out, out / "store")
     config.save(out / "pipeline.yaml")
     result = PipelineResult(out)
     harvest_cfg = config.harvest
@@ -78,11 +90,21 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
     from crosscoders.harvest import harvest
     from crosscoders.store import ActivationStore
 
+    if harvest_cfg.store is not None:
+        from crosscoders.pipeline.reuse import open_reused_store
+
+        store, harvest_cfg = open_reused_store(harvest_cfg.store, harvest_cfg.models)
+        digest = config_hash({"store": str(store.root.resolve()),
+                              "manifest_sha256": store.manifest_sha256}, [])
+        log(f"harvest: reusing the store {store.root} (harvest.store)")
+        stage = StageOutcome("harvest", store.root, digest, "reused", store)
+    else:
+        harvest_cfg = harvest_cfg.harvest_config()
+        stage = run_stage("harvest", out / "store", harvest_cfg.to_dict(), upstream,
+                          lambda d: harvest(harvest_cfg, d, progress=progress), log)
+        store = ActivationStore.open(stage.directory)
     result.harvest = harvest_cfg
-    stage = run_stage("harvest", result.store_dir, harvest_cfg.to_dict(), upstream,
-                      lambda d: harvest(harvest_cfg, d, progress=progress), log)
     result.stages["harvest"] = stage
-    store = ActivationStore.open(result.store_dir)
 
     names = [s.get("name") for s in store.sources] or None
     cc_config = config.crosscoder_config(store.n_sources, store.d_model, names)
@@ -113,6 +135,59 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
                       load=lambda d: d / "report.html")
     result.stages["report"] = stage
     return result
+
+
+def claim_out(out: Path) -> None:
+    """Make ``out`` the experiment directory: new, empty, or made by an earlier run.
+
+    Anything else (a file, a store made by ``crosscoders harvest``, a folder of other
+    files) is refused before anything is written into it.
+    """
+    if out.exists() and not out.is_dir():
+        raise CrosscodersError(f"out: {out} is a file; set out: (or --out) to a new or "
+                               "empty directory")
+    stages = out / STAGE_DIR
+    if stages.is_dir():
+        foreign = sorted(p for p in stages.iterdir() if not is_stage_entry(p))
+        if foreign:
+            raise CrosscodersError(
+                f"{foreign[0]} is not a stage record written by `crosscoders run`; move it out "
+                f"of {stages}, or choose another out: directory"
+            )
+    elif out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            for store in (out, out / "store"):
+                _refuse_foreign_store(out, store, also="and choose a new or empty directory "
+                                      "for out: (or --out)")
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise CrosscodersError(
+                f"out: {out} is not empty ({shown}) and was not made by `crosscoders run`; "
+                "choose a new or empty directory for out: (or --out)"
+            )
+    try:
+        stages.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CrosscodersError(f"out: cannot create {out / STAGE_DIR} ({err.strerror}); "
+                               "choose another directory for out: (or --out)") from None
+
+
+def is_experiment_dir(out: Path) -> bool:
+    """Whether ``out`` was made by ``crosscoders run`` (its ``stages/`` holds only records)."""
+    stages = out / STAGE_DIR
+    return stages.is_dir() and all(is_stage_entry(p) for p in stages.iterdir())
+
+
+def _refuse_foreign_store(out: Path, store: Path, also: str = "or choose another out:") -> None:
+    """A store at ``store`` that no stage record vouches for was made by `crosscoders harvest`."""
+    if not ((store / store_format.MANIFEST).exists() or (store / store_format.PROGRESS).exists()):
+        return
+    if store != out and is_experiment_dir(out) and read_record(out, "harvest") is not None:
+        return
+    raise CrosscodersError(
+        f"{store} holds an activation store that `crosscoders run` did not make; to use it, "
+        f"set `harvest: {{store: {store}}}` in the config {also}"
+    )
 
 
 def _uses_organism(harvest_cfg) -> bool:
