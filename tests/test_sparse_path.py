@@ -80,3 +80,42 @@ def test_topk_per_token_sorted_and_positive():
     scores = torch.tensor([[0.1, 0.5, -1.0, 0.3], [-1.0, -2.0, 0.2, -3.0]])
     tok, lat = topk_per_token(scores, 2)
     assert tok.tolist() == [0, 0, 1] and lat.tolist() == [1, 3, 2]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_decode_methods_agree(dtype, tol):
+    """The GPU's CSR decode and the CPU's embedding_bag decode sum the same terms."""
+    from crosscoders.model.sparse import SparseCodes, decode_rows
+
+    gen = torch.Generator().manual_seed(3)
+    B, F, X = 16, 64, 12
+    scores = torch.randn(B, F, generator=gen, dtype=dtype)
+    scores[5] = -1.0  # a token with no active latent: an empty row / bag
+    token_idx, latent_idx = topk_per_token(scores, 4)
+    values = torch.rand(len(token_idx), generator=gen, dtype=dtype)
+    codes = SparseCodes(token_idx, latent_idx, values, B, F)
+    W = torch.randn(F, X, generator=gen, dtype=dtype)
+    reference = codes.to_dense() @ W
+    for method in ("embedding_bag", "csr"):
+        out = decode_rows(codes, values, W, method)
+        assert torch.allclose(out, reference, rtol=tol, atol=tol), method
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decode_rows(codes, values, W, "csr").dtype == dtype
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_sparse_step_with_the_gpu_decode_matches_dense(activation, monkeypatch):
+    import functools
+
+    from crosscoders.model import sparse
+
+    monkeypatch.setattr(sparse, "decode_rows",
+                        functools.partial(sparse.decode_rows, method="csr"))
+    torch.manual_seed(1)
+    x = torch.randn(64, 2, 16)
+    knobs = StepKnobs(k=4, auxk_coeff=1 / 32, auxk_k=8, dead_F=torch.rand(256) < 0.3)
+    td = dense_loss(_model(activation, torch.float32), x, knobs)
+    ts = SparseStep()(_model(activation, torch.float32), x, knobs)
+    assert torch.allclose(td.total, ts.total, rtol=1e-5)
+    assert torch.allclose(td.auxk, ts.auxk, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(td.xhat_BSD, ts.xhat_BSD, rtol=1e-5, atol=1e-5)
