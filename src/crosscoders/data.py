@@ -7,8 +7,10 @@ run continues on exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -54,12 +56,82 @@ def check_activations(x: Tensor | np.ndarray, what: str = "activations") -> None
         raise DataError(f"{what} must be floating point, got dtype {dtype}")
 
 
-def _check_finite(x: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).any(dim=(1, 2)).sum())
+_CHECK_BYTES = 64 << 20  # rows checked together by the finiteness pass
+FINGERPRINT_ROWS = 64
+
+
+def _nonfinite_mask(x: Tensor | np.ndarray) -> np.ndarray | None:
+    """Boolean [n, ...] mask of the NaN/inf entries of ``x``, or None if there are none.
+
+    On CPU numpy's isfinite is several times faster than torch's; bfloat16 is non-finite
+    exactly when its exponent bits are all ones.
+    """
+    if isinstance(x, Tensor) and x.device.type != "cpu":
+        bad_t = ~torch.isfinite(x.detach())
+        return bad_t.cpu().numpy() if bool(bad_t.any()) else None
+    if isinstance(x, Tensor) and x.dtype == torch.bfloat16:
+        bad = (x.detach().contiguous().view(torch.int16).numpy() & 0x7F80) == 0x7F80
+    else:
+        bad = ~np.isfinite(x.detach().numpy() if isinstance(x, Tensor) else x)
+    return bad if bad.any() else None
+
+
+def find_nonfinite(x: Tensor | np.ndarray) -> tuple[int, int, int]:
+    """NaN/inf in ``x`` [N, ...], in one streaming pass over chunks of rows.
+
+    Returns (number of non-finite values, number of rows holding one, first such row or -1).
+    """
+    N = int(x.shape[0])
+    itemsize = x.element_size() if isinstance(x, Tensor) else x.itemsize
+    step = max(1, _CHECK_BYTES // max(1, int(np.prod(x.shape[1:])) * itemsize))
+    count, rows, first = 0, 0, -1
+    for start in range(0, N, step):
+        bad = _nonfinite_mask(x[start: start + step])
+        if bad is None:
+            continue
+        bad_rows = bad.reshape(bad.shape[0], -1).any(axis=1)
+        count += int(bad.sum())
+        rows += int(bad_rows.sum())
+        if first < 0:
+            first = start + int(np.argmax(bad_rows))
+    return count, rows, first
+
+
+def check_finite(x: Tensor | np.ndarray, what: str) -> None:
+    """Refuse NaN/inf anywhere in ``x`` [N, ...], naming how many and the first bad row."""
+    count, rows, first = find_nonfinite(x)
+    if count:
         raise DataError(
-            f"{what} contain NaN or inf values in {bad} token(s); clean or drop those tokens "
-            "before training"
+            f"{what} holds {count} NaN or inf value(s) in {rows} of its {x.shape[0]} rows, the "
+            f"first at row {first}; drop or fix those rows before training, e.g. "
+            "x[torch.isfinite(x).flatten(1).all(1)]"
+        )
+
+
+def fingerprint(x: Tensor | np.ndarray, n_rows: int = FINGERPRINT_ROWS) -> str:
+    """Content hash of ``x`` [N, S, D]: its shape, dtype and ``n_rows`` evenly spaced rows.
+
+    Cheap for any size (a memory-mapped file reads ``n_rows`` rows), and any other data of
+    the same shape (another harvest, model or file) changes it.
+    """
+    N = int(x.shape[0])
+    index = np.unique(np.linspace(0, N - 1, min(n_rows, N)).round().astype(np.int64))
+    dtype = str(x.dtype).removeprefix("torch.")
+    digest = hashlib.sha256(f"{tuple(int(n) for n in x.shape)} {dtype}".encode())
+    if isinstance(x, Tensor):
+        rows = x[torch.from_numpy(index).to(x.device)].detach().cpu().contiguous()
+        digest.update(rows.view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(np.ascontiguousarray(x[index]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_batch_finite(x: Tensor, what: str) -> None:
+    count, rows, first = find_nonfinite(x)
+    if count:
+        raise DataError(
+            f"{what} contain {count} NaN or inf value(s) in {rows} token(s), the first at row "
+            f"{first} of the batch; clean or drop those tokens before training"
         )
 
 
@@ -68,6 +140,8 @@ class TensorSource:
 
     The last ``n_eval`` tokens of a fixed seeded permutation are held out. Epoch ``e`` is
     ``randperm(n_train)`` under seed ``(seed, e)``, so batch ``i`` is computable directly.
+    Every row (held-out ones too) is checked for NaN/inf once, here, so bad data is refused
+    before a run starts rather than when (or if) training reaches the bad row.
     """
 
     def __init__(self, acts_NSD: Tensor | np.ndarray, n_eval: int = 0, name: str = "tensor"):
@@ -80,7 +154,7 @@ class TensorSource:
         order = torch.randperm(N, generator=torch.Generator().manual_seed(1234))
         self.eval_idx = order[N - n_eval:].sort().values if n_eval else order[:0]
         self.train_idx = order[: N - n_eval].sort().values
-        self._checked_finite = False
+        check_finite(acts_NSD, "the activation tensor" if name == "tensor" else name)
 
     @property
     def n_train(self) -> int:
@@ -91,9 +165,7 @@ class TensorSource:
             out = self.acts[idx]
         else:  # numpy memmap: sorted reads are much faster from disk
             out = torch.from_numpy(np.ascontiguousarray(self.acts[np.sort(idx.numpy())]))
-        out = out.float() if out.dtype != torch.float64 else out
-        _check_finite(out, "activations")
-        return out
+        return out.float() if out.dtype != torch.float64 else out
 
     def _epoch_perm(self, seed: int, epoch: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -128,9 +200,14 @@ class TensorSource:
     def mean_squared_norm(self) -> Tensor | None:
         return None
 
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.acts)
+
     def describe(self) -> dict:
         return {"kind": "tensor", "name": self.name, "n_tokens": int(self.acts.shape[0]),
-                "n_sources": self.n_sources, "d_model": self.d_model}
+                "n_sources": self.n_sources, "d_model": self.d_model,
+                "fingerprint": self.fingerprint}
 
 
 class IterableSource:
@@ -159,7 +236,7 @@ class IterableSource:
                     f"batch of shape {tuple(batch.shape)} does not match the first batch "
                     f"[B, {self.n_sources}, {self.d_model}]"
                 )
-            _check_finite(batch, "batches")
+            _check_batch_finite(batch, "batches")
             yield batch.float()
 
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:

@@ -13,5 +13,5 @@ class DataError(CrosscodersError):
     """Activations or a data file are malformed (shape, dtype, NaN/inf, empty)."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CrosscodersError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

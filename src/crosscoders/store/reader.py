@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from crosscoders.data import find_nonfinite
 from crosscoders.errors import DataError
 from crosscoders.store import format as fmt
 from crosscoders.store.shuffle import ShufflePlan, Window
@@ -35,11 +37,22 @@ def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
         return handle.tell(), shape, dtype
 
 
+def _corrupt(where: str) -> DataError:
+    return DataError(
+        f"{where} is corrupt: its sha256 does not match the manifest, so it is not what was "
+        "harvested; restore the file from a copy, or harvest again into a new directory"
+    )
+
+
 class ActivationStore:
     """A finished activation store on disk: [N, S, D] rows, token ids and their provenance.
 
     Rows are in harvest order. The last ``n_eval`` rows (rounded down to a context boundary so
     that no context is split) are the held-out split; the rest is the training split.
+
+    Unless opened with ``verify="none"``, the trainer's reads (``batches``, ``eval_batches``,
+    ``sample``) check the sha256 of a shard's activation files the first time they touch the
+    shard, so corrupt bytes are never trained on: one hash per shard per opened store.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], eval_tokens: int | float | None):
@@ -55,6 +68,9 @@ class ActivationStore:
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._acts: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
+        self.verify_reads = True
+        self._verified: set[int] = set()  # shard positions whose activations were hashed
+        self._verify_lock = threading.Lock()
         self.window_rows = max(1, DEFAULT_WINDOW_BYTES // self.row_bytes)
         self.chunk_rows = DEFAULT_CHUNK_ROWS
         if eval_tokens is None:
@@ -70,8 +86,10 @@ class ActivationStore:
         verify: Literal["quick", "full", "none"] = "quick",
         eval_tokens: int | float | None = None,
     ) -> ActivationStore:
-        """Open a store; ``verify="full"`` also checks every file's sha256.
+        """Open a store, checking file sizes, headers and statistics (see :meth:`verify`).
 
+        ``verify="full"`` also checks every file's sha256 now, instead of each shard's on its
+        first read by the trainer; ``"none"`` checks nothing, now or later.
         ``eval_tokens`` overrides the held-out split recorded at harvest time: a count of
         tokens (>= 1) or a fraction of the store (< 1).
         """
@@ -99,13 +117,20 @@ class ActivationStore:
                 f"reads up to {fmt.FORMAT_VERSION}: upgrade crosscoders"
             )
         store = cls(root, manifest, eval_tokens)
+        store.verify_reads = verify != "none"
         if verify != "none":
             store.verify(full=verify == "full")
         return store
 
     def verify(self, full: bool = False) -> None:
-        """Check that every shard file is present with the recorded size (and sha256 if full)."""
-        for shard in self.shards:
+        """Check every shard file's presence, size and header, and (full) its sha256.
+
+        The small statistics files are always hashed and must be finite: the harvest summed
+        every row into them, so NaN/inf anywhere in the store shows there, and only such a
+        shard is then read to name its first bad row.
+        """
+        stats_files = {fmt.stats_name(s) for s in range(self.n_sources)}
+        for position, shard in enumerate(self.shards):
             directory = fmt.shard_dir(self.root, int(shard["index"]))
             expected_files = {"rows.npy", "contexts.npy"}
             for s in range(self.n_sources):
@@ -135,10 +160,67 @@ class ActivationStore:
                         f"{where} is corrupt: its header says {shape} {dtype} but the file has "
                         f"{size} bytes; re-harvest the store"
                     )
-                if full and fmt.sha256_file(path) != info["sha256"]:
-                    raise DataError(
-                        f"{where} is corrupt: its sha256 does not match the manifest; re-harvest"
-                    )
+                if (full or name in stats_files) and fmt.sha256_file(path) != info["sha256"]:
+                    raise _corrupt(where)
+            if not all(np.isfinite(np.load(directory / name)).all() for name in stats_files):
+                self._raise_nonfinite(position)
+        if full:
+            self._verified.update(range(len(self.shards)))
+
+    def _check_reads(self, positions: Iterable[int]) -> None:
+        """Hash the activation files of shards not read before, once each, in parallel."""
+        if not self.verify_reads:
+            return
+        todo = {int(k) for k in positions} - self._verified
+        if not todo:
+            return
+        with self._verify_lock:
+            jobs = [(k, s) for k in sorted(todo - self._verified) for s in range(self.n_sources)]
+
+            def check(job: tuple[int, int]) -> None:
+                shard = self.shards[job[0]]
+                name = fmt.acts_name(job[1])
+                path = fmt.shard_dir(self.root, int(shard["index"])) / name
+                if fmt.sha256_file(path) != shard["files"][name]["sha256"]:
+                    raise _corrupt(f"shard {shard['index']} ({path.relative_to(self.root)})")
+
+            if len(jobs) == 1:
+                check(jobs[0])
+            else:  # hashlib releases the GIL: shards hash side by side
+                with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1, 8)) as pool:
+                    list(pool.map(check, jobs))
+            self._verified.update(k for k, _ in jobs)
+
+    def _shards_of(self, start: int, stop: int) -> range:
+        """Positions of the shards holding rows ``[start, stop)``."""
+        if start >= stop:
+            return range(0)
+        first = int(np.searchsorted(self._offsets, start, side="right") - 1)
+        last = int(np.searchsorted(self._offsets, stop - 1, side="right") - 1)
+        return range(first, last + 1)
+
+    def _raise_nonfinite(self, position: int) -> None:
+        """Name the first NaN/inf row of a shard whose statistics are not finite."""
+        shard = self.shards[position]
+        lo, hi = int(self._offsets[position]), int(self._offsets[position + 1])
+        count, rows, first = 0, 0, -1
+        for start in range(lo, hi, 65536):
+            c, r, f = find_nonfinite(self.rows(start, min(hi, start + 65536)))
+            count, rows = count + c, rows + r
+            if first < 0 <= f:
+                first = start + f
+        fix = "harvest again into a new directory"
+        if not count:
+            raise DataError(
+                f"shard {shard['index']} of activation store {self.root} has statistics that are "
+                f"not finite although its activations are; {fix}"
+            )
+        raise DataError(
+            f"shard {shard['index']} of activation store {self.root} holds {count} NaN or inf "
+            f"value(s) in {rows} row(s), the first at row {first} of the store (row {first - lo} "
+            f"of the shard); the model produced non-finite activations: {fix} (a float16 store "
+            "overflows beyond 65504: use store_dtype bfloat16 or float32)"
+        )
 
     def _split(self, eval_tokens: int | float) -> int:
         """Number of training rows for a held-out split of ``eval_tokens`` (count or fraction)."""
@@ -297,6 +379,7 @@ class ActivationStore:
     def _train_sums(self) -> np.ndarray:
         """[S, D + 1] float64 sums of x and ||x||^2 over the training split."""
         total = np.zeros((self.n_sources, self.d_model + 1), dtype=np.float64)
+        self._check_reads(self._shards_of(self.n_train, self.n_tokens))
         for shard in self.shards:
             directory = fmt.shard_dir(self.root, int(shard["index"]))
             for s in range(self.n_sources):
@@ -319,6 +402,7 @@ class ActivationStore:
     # -- the trainer's protocol ----------------------------------------------------------------
     def _load_window(self, window: Window) -> np.ndarray:
         """The window's rows as [S, n, D] (stored dtype), read with plain sequential reads."""
+        self._check_reads(k for a, b in window.ranges for k in self._shards_of(a, b))
         buf = np.empty((self.n_sources, window.n_rows, self.d_model), fmt.storage_dtype(self.dtype))
         pos = 0
         for a, b in window.ranges:
@@ -385,11 +469,13 @@ class ActivationStore:
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The held-out rows, in order, as float32 batches [B, S, D] (the last may be short)."""
+        self._check_reads(self._shards_of(self.n_train, self.n_tokens))
         for start in range(self.n_train, self.n_tokens, batch_size):
             yield self.rows(start, min(self.n_tokens, start + batch_size))
 
     def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
         """``min(n_tokens, n_train)`` random training rows [n, S, D] float32."""
         n = min(int(n_tokens), self.n_train)
-        index = np.random.default_rng(seed).choice(self.n_train, size=n, replace=False)
-        return self.gather(np.sort(index))
+        index = np.sort(np.random.default_rng(seed).choice(self.n_train, size=n, replace=False))
+        self._check_reads(np.unique(np.searchsorted(self._offsets, index, side="right") - 1))
+        return self.gather(index)

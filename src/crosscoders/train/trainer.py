@@ -5,7 +5,8 @@ A run directory holds ``run.json`` (what is being trained on what), ``checkpoint
 counters, RNG), ``metrics.jsonl`` and, at the end, the crosscoder itself (``config.json``
 + ``model.safetensors``, normalisation folded in). Every file is written atomically, so a
 run killed at any moment resumes from its last checkpoint and finishes with the same
-weights as an uninterrupted run.
+weights as an uninterrupted run. ``run.json`` records a fingerprint of the data, so a run
+is never continued (or a finished one returned) on other data.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crosscoders.data import ActivationSource, as_source
+from crosscoders.data import ActivationSource, as_source, find_nonfinite
 from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
 from crosscoders.io import atomic_write, atomic_write_text
 from crosscoders.model import Crosscoder, CrosscoderConfig
 from crosscoders.model.activations import BatchTopK
+from crosscoders.model.crosscoder import CONFIG_FILE, WEIGHTS_FILE
 from crosscoders.model.screen import bf16_screen_available
 from crosscoders.train.config import TrainConfig
 from crosscoders.train.loss import LossTerms, SparseStep, StepKnobs, dense_loss
@@ -133,6 +135,7 @@ class Trainer:
         resumed = self._open_run_dir()
         if not resumed:
             self._init_from_data()
+        start_step = self.step if resumed else -1
         c = self.config
         depth = c.prefetch if c.prefetch is not None else (2 if self.device.type == "cuda" else 0)
         batches = device_batches(self.source.batches(c.batch_size, c.seed, start=self.step),
@@ -163,7 +166,8 @@ class Trainer:
             if self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self._save_checkpoint()
         bar.close()
-        self._save_checkpoint()
+        if self.step != start_step:  # a finished run called again keeps its files as they are
+            self._save_checkpoint()
         return self._finish()
 
     def _train_step(self, x_BSD: Tensor) -> LossTerms:
@@ -175,13 +179,7 @@ class Trainer:
         with self._autocast():
             terms = (self.sparse_step if use_sparse else dense_loss)(self.model, x_BSD, knobs)
         if not torch.isfinite(terms.total):
-            ckpt = self.run_dir / CHECKPOINT_FILE if self.run_dir else None
-            kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt and ckpt.exists()
-                    else "no checkpoint had been written yet")
-            raise TrainingDiverged(
-                f"loss became {terms.total.item()} at step {self.step}; {kept}. Lower the "
-                f"learning rate (now {self.lr:g}) or check the data for extreme values"
-            )
+            raise self._diverged(x_BSD, terms.total.item())
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         self.model.constrain_grads()
@@ -202,6 +200,25 @@ class Trainer:
             margin = 0.975 if self.sparse_step.screen else 0.97
             self.threshold_hint = terms.min_kept_score * margin
         return terms
+
+    def _diverged(self, x_BSD: Tensor, loss: float) -> CrosscodersError:
+        """The error for a non-finite loss: bad data if the batch is not finite, else divergence."""
+        ckpt = self.run_dir / CHECKPOINT_FILE if self.run_dir else None
+        kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt and ckpt.exists()
+                else "no checkpoint had been written yet")
+        count, rows, first = find_nonfinite(x_BSD)
+        if count:
+            return DataError(
+                f"the data holds non-finite values: the batch of step {self.step} from "
+                f"{_data_label(self.source.describe())} has {count} NaN or inf value(s) in "
+                f"{rows} row(s), the first at batch row {first}; {kept}. Drop or fix those "
+                "rows (or harvest the store again)"
+            )
+        return TrainingDiverged(
+            f"loss became {loss} at step {self.step}; {kept}. Lower the learning rate (now "
+            f"{self.lr:g}) or check the data for extreme values (largest |x| in this batch: "
+            f"{float(x_BSD.abs().max()):.3g})"
+        )
 
     @torch.no_grad()
     def _clip_gradients(self, max_norm: float) -> None:
@@ -232,19 +249,31 @@ class Trainer:
         if c.normalise and self.scale_S is None:
             known = self.source.mean_squared_norm()
             if known is not None:
-                self.scale_S = scale_from_mean_squared_norm(known, self.model.d_model)
+                self.scale_S = scale_from_mean_squared_norm(self._finite(known),
+                                                            self.model.d_model)
             else:
-                sample = self.source.sample(c.norm_sample_tokens, c.seed)
+                sample = self._finite(self.source.sample(c.norm_sample_tokens, c.seed))
                 self.scale_S = estimate_scale(sample)
         if self.scale_S is None:
             self.scale_S = torch.ones(self.model.n_sources)
         self.scale_S = self.scale_S.float().to(self.device)
         if c.init_b_dec_from_mean and not self.model.is_folded:
             if sample is None:
-                sample = self.source.sample(min(c.norm_sample_tokens, 16384), c.seed)
+                sample = self._finite(self.source.sample(min(c.norm_sample_tokens, 16384),
+                                                         c.seed))
             with torch.no_grad():
                 mean_SD = (sample.to(self.device).double().mean(0) * self.scale_S[:, None])
                 self.model.b_dec.copy_(mean_SD.to(self.model.b_dec.dtype))
+
+    def _finite(self, x: Tensor) -> Tensor:
+        """``x`` (a sample or statistics of the data), refused if not finite."""
+        if not bool(torch.isfinite(x).all()):  # only sources without up-front checks get here
+            raise DataError(
+                f"the data holds NaN or inf values: the sample or statistics of "
+                f"{_data_label(self.source.describe())} used to initialise training are not "
+                "finite; drop or fix those rows (or harvest the store again)"
+            )
+        return x
 
     def _run_identity(self) -> dict:
         return {
@@ -260,10 +289,17 @@ class Trainer:
         run_file = self.run_dir / RUN_FILE
         identity = self._run_identity()
         if run_file.exists():
-            _check_same_run(json.loads(run_file.read_text()), identity, self.run_dir)
+            saved = json.loads(run_file.read_text())
+            _check_same_run(saved, identity, self.run_dir)
+            unknown = set(identity["data"]) - set(saved.get("data", {}))
+            if unknown:  # written before these keys existed: record them from now on
+                saved["data"] = {**saved.get("data", {}),
+                                 **{k: identity["data"][k] for k in unknown}}
+                atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_file, json.dumps(identity, indent=2) + "\n")
+        _remove_stale_temporaries(self.run_dir)
         ckpt = self.run_dir / CHECKPOINT_FILE
         if not ckpt.exists():
             return False
@@ -389,12 +425,43 @@ def _check_same_run(saved: dict, current: dict, run_dir: Path) -> None:
         for key in sorted(set(old) | set(new)):
             if section == "train" and key in allowed:
                 continue
+            if section == "data" and key not in old:
+                continue  # e.g. no fingerprint in a run written before there were any: unknown
+            if old.get(key) != new.get(key) and section == "data":
+                raise CrosscodersError(
+                    f"{run_dir} was trained on other data: its run.json records "
+                    f"{_data_label(old)} with {key}={old.get(key)!r}, but this data is "
+                    f"{_data_label(new)} with {key}={new.get(key)!r}; use another run "
+                    "directory, or the original data to resume it"
+                )
             if old.get(key) != new.get(key):
                 raise CrosscodersError(
                     f"{run_dir} holds a run with {section}.{key}={old.get(key)!r}, but this "
                     f"run has {new.get(key)!r}; use another run directory, or the original "
                     "settings to resume it"
                 )
+
+
+def _data_label(data: dict) -> str:
+    """``file 'acts.pt' (4096 tokens)``: what a run's data was, for error messages."""
+    kind, name = data.get("kind"), data.get("path") or data.get("name")
+    if kind == "tensor":
+        what = "an in-memory tensor" if name == "tensor" else f"file {name!r}"
+    else:
+        what = f"{(kind or 'data').replace('_', ' ')} {name!r}" if name else kind or "data"
+    return f"{what} ({data.get('n_tokens', '?')} tokens)"
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete what a killed atomic write of one of the run's files left behind.
+
+    Only ``.<file>.*.tmp`` for the files a run writes (``crosscoders.io.atomic_write``'s
+    temporary names) are removed, never anything else in the directory.
+    """
+    for name in (RUN_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE):
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def _resolve_device(device: str) -> torch.device:
