@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from crosscoders.io import check_file_path
 from crosscoders.report.build import build_report
 
 
@@ -26,6 +27,8 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def report_from_args(args: argparse.Namespace) -> int:
     """Run ``build_report`` from parsed arguments and print where the report went."""
+    if args.out:
+        check_file_path(args.out)
     token_strings = None
     if getattr(args, "tokenizer", None):
         from transformers import AutoTokenizer
