@@ -114,5 +114,7 @@ def _cfg(path: Path, file: Path) -> dict:
             try:
                 return json.loads(candidate.read_text())
             except ValueError:
-                raise CrosscodersError(f"{candidate} is not valid JSON") from None
+                raise CrosscodersError(
+                    f"{candidate} is not valid JSON; fix it, or move it away to import without it"
+                ) from None
     return {}
