@@ -250,6 +250,20 @@ def test_key_path_is_not_glued_onto_the_message(tmp_path, capsys):
         CrosscoderConfig.from_dict({"n_sources": 2, "d_model": 4}, _path="crosscoder")
 
 
+def test_flags_with_impossible_values(world, capsys, tmp_path):
+    root = world["root"]
+    if not torch.cuda.is_available():
+        _fails(capsys, ["diff", str(root / "cc"), "--store", str(root / "store"), "--out",
+                        str(tmp_path / "d"), "--device", "cuda", "--no-progress"],
+               "CUDA is not available", "--device cpu")
+    _fails(capsys, ["report", str(root / "cc"), "--max-examples", "-1"], "must be >= 0")
+    _fails(capsys, ["bench", "layers", "--layers", "0"], "--layers must be >= 1")
+    _fails(capsys, ["report", str(root / "cc"), "--tokenizer", str(tmp_path / "no_tok")],
+           "could not load the tokenizer", "Hub id")
+    _fails(capsys, ["import", str(root / "cc"), "--format", "kissane", "--out",
+                    str(tmp_path / "i")], "expected cc_weights.pt", "--format auto")
+
+
 def test_harvest_weights_message_names_the_fix(capsys, tmp_path):
     _fails(capsys, ["harvest", "--base", "b", "--chat", "c", "--data", "x.txt", "--weights",
                     "1", "2", "--out", str(tmp_path / "h")],

@@ -143,6 +143,10 @@ def _run_bench_layers(args) -> int:
 
     if args.json:
         check_file_path(args.json, "--json")
+    for flag, value in (("--layers", args.layers), ("--d-model", args.d_model),
+                        ("--steps", args.steps)):
+        if value < 1:
+            raise CrosscodersError(f"{flag} must be >= 1, got {value}")
     acts, _, spans = planted_layer_data(n_layers=args.layers, d_model=args.d_model,
                                         fire_prob=args.fire_prob, noise=args.noise,
                                         seed=args.seed)

@@ -140,8 +140,10 @@ def run_diff(
     in the store manifest) -> local path or hub id; enables causal checks and the lens.
     """
     from crosscoders import Crosscoder
+    from crosscoders.harvest.models import resolve_device
 
     cfg = config or DiffConfig()
+    cfg = cfg.replace(device=str(resolve_device(cfg.device)))  # "auto", or CUDA missing
     out = ensure_dir(out_dir)
     cfg.save(out / "diff_config.json")
     model = Crosscoder.load(crosscoder) if isinstance(crosscoder, (str, Path)) else crosscoder

@@ -51,7 +51,8 @@ def load(path: Path, source_names: list[str] | None = None) -> Crosscoder:
     file = _weights_file(path)
     if file is None:
         raise CrosscodersError(
-            f"{path}: expected model.safetensors (hub layout) or a .pt/.safetensors state dict"
+            f"{path}: expected model.safetensors (hub layout) or a .pt/.safetensors state dict; "
+            "pass the checkpoint directory or file, or --format auto to detect the format"
         )
     state = _strip_compile_prefix(read_tensors(file))
     require(state, _KEYS, file, "dictionary_learning crosscoder")
