@@ -12,10 +12,18 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
+import os
+import shlex
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from crosscoders.errors import CrosscodersError, TrainingDiverged
+from crosscoders.errors import ConfigError, CrosscodersError, TrainingDiverged
+from crosscoders.io import atomic_write_text, brief, check_dir_path, check_file_path
 
 
 def _add_train(sub) -> None:
@@ -44,30 +52,35 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    import yaml
-
     from crosscoders import CrosscoderConfig, TrainConfig, train
+    from crosscoders.configs import read_config_file
     from crosscoders.data import as_source
 
+    check_dir_path(args.out)
     sections = {"crosscoder": {}, "train": {}}
     if args.config:
-        with open(args.config) as handle:
-            loaded = yaml.safe_load(handle) or {}
+        loaded = read_config_file(args.config)
         unknown = set(loaded) - set(sections)
         if unknown:
-            raise CrosscodersError(
-                f"{args.config}: unknown section {sorted(unknown)[0]!r}; use 'crosscoder' "
-                "and 'train'"
+            raise ConfigError(
+                f"{args.config}: unknown section {sorted(unknown, key=str)[0]!r}; put every "
+                "setting under 'crosscoder:' or 'train:'"
             )
         for key in sections:
-            sections[key].update(loaded.get(key) or {})
+            section = loaded.get(key) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(
+                    f"{args.config}: section {key!r} holds a {type(section).__name__}; write "
+                    "it as a mapping of keys to values"
+                )
+            sections[key].update(section)
     train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                    "l1_coeff": args.l1_coeff, "seed": args.seed, "device": args.device,
                    "checkpoint_every": args.checkpoint_every}
     sections["train"].update({k: v for k, v in train_flags.items() if v is not None})
     if args.no_progress:
         sections["train"]["progress"] = False
-    tc = TrainConfig.from_dict(sections["train"])
+    tc = TrainConfig.from_dict(sections["train"], _path="train")
     source = as_source(args.data, tc.eval_tokens, tc.batch_size)
     cc_dict = {"n_sources": source.n_sources, "d_model": source.d_model,
                **sections["crosscoder"]}
@@ -80,7 +93,8 @@ def _run_train(args) -> int:
     store_names = [s.get("name") for s in getattr(source, "sources", [])]
     if "source_names" not in cc_dict and store_names and all(store_names):
         cc_dict["source_names"] = store_names  # e.g. base/resid_out:12, chat/resid_out:12
-    model = train(CrosscoderConfig.from_dict(cc_dict), source, tc, run_dir=args.out)
+    model = train(CrosscoderConfig.from_dict(cc_dict, _path="crosscoder"), source, tc,
+                  run_dir=args.out)
     print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
     return 0
 
@@ -121,13 +135,18 @@ def _add_bench(sub) -> None:
 def _run_bench_layers(args) -> int:
     import json
 
-    from crosscoders.io import atomic_write_text
     from crosscoders.layers_benchmark import (
         compare_with_per_layer_saes,
         format_comparison,
         planted_layer_data,
     )
 
+    if args.json:
+        check_file_path(args.json, "--json")
+    for flag, value in (("--layers", args.layers), ("--d-model", args.d_model),
+                        ("--steps", args.steps)):
+        if value < 1:
+            raise CrosscodersError(f"{flag} must be >= 1, got {value}")
     acts, _, spans = planted_layer_data(n_layers=args.layers, d_model=args.d_model,
                                         fire_prob=args.fire_prob, noise=args.noise,
                                         seed=args.seed)
@@ -148,6 +167,8 @@ def _run_bench_synthetic(args) -> int:
         run_planted_benchmark,
     )
 
+    if args.json:
+        check_file_path(args.json, "--json")
     kwargs = {"activations": tuple(args.activations), "preset": args.preset,
               "num_threads": args.threads}
     for name in ("steps", "k", "dict_size", "l1_coeff"):
@@ -156,8 +177,6 @@ def _run_bench_synthetic(args) -> int:
     result = run_planted_benchmark(PlantedConfig(seed=args.seed), **kwargs)
     print(format_benchmark_table(result))
     if args.json:
-        from crosscoders.io import atomic_write_text
-
         data = result if isinstance(result, dict) else getattr(result, "to_dict", lambda: {})()
         atomic_write_text(args.json, json.dumps(data, indent=2, default=str) + "\n")
     return 0
@@ -180,6 +199,7 @@ def _run_pipeline(args) -> int:
     config = PipelineConfig.load(args.config)  # every key checked before any work
     if args.out:
         config = config.replace(out=args.out)
+    check_dir_path(config.out, "--out" if args.out else f"{args.config}: out:")
     result = run_pipeline(config, progress=not args.no_progress)
     print(format_summary(result, result.token_strings()))
     return 0
@@ -197,6 +217,7 @@ def _run_demo(args) -> int:
     from crosscoders.pipeline.examples import load_example
     from crosscoders.pipeline.summary import format_summary
 
+    check_dir_path(args.out)
     config = load_example("demo").replace(out=args.out)
     result = run_pipeline(config, progress=not args.no_progress)
     print(format_summary(result, result.token_strings()))
@@ -214,12 +235,9 @@ def _add_init(sub) -> None:
 
 
 def _run_init(args) -> int:
-    from pathlib import Path
-
-    from crosscoders.io import atomic_write_text
     from crosscoders.pipeline.examples import example_text
 
-    out = Path(args.out)
+    out = check_file_path(args.out)
     if out.exists() and not args.force:
         raise CrosscodersError(f"{out} exists; pass --force to overwrite it or choose --out")
     atomic_write_text(out, example_text(args.example))
@@ -230,13 +248,13 @@ def _run_init(args) -> int:
 def _add_stage_commands(sub) -> None:
     """harvest, diff and report: each module brings its own arguments."""
     from crosscoders.diff.cli import add_diff_arguments, diff_from_args
-    from crosscoders.harvest.cli import add_harvest_arguments, harvest_from_args
+    from crosscoders.harvest.cli import add_harvest_arguments
     from crosscoders.layers import add_layers_arguments, layers_from_args
     from crosscoders.report import add_report_arguments, report_from_args
 
     for name, help_text, add_arguments, run in (
         ("harvest", "harvest activations from models into a store", add_harvest_arguments,
-         harvest_from_args),
+         _run_harvest),
         ("diff", "per-latent diffing analysis of a trained crosscoder", add_diff_arguments,
          diff_from_args),
         ("report", "the browsable HTML report", add_report_arguments, report_from_args),
@@ -246,6 +264,13 @@ def _add_stage_commands(sub) -> None:
         parser = sub.add_parser(name, help=help_text)
         add_arguments(parser)
         parser.set_defaults(func=run)
+
+
+def _run_harvest(args) -> int:
+    from crosscoders.harvest.cli import harvest_from_args
+
+    harvest_from_args(args)  # returns the store, for Python callers
+    return 0
 
 
 def _add_import(sub) -> None:
@@ -272,12 +297,15 @@ def _run_import(args) -> int:
     from crosscoders.formats import detect_format, import_crosscoder
     from crosscoders.formats.hub import resolve
 
+    check_dir_path(args.out)
     source = resolve(args.source)
     name = detect_format(source) if args.format == "auto" else args.format
     options = {"source_names": args.source_names}
     if args.scale or args.scale_from:
         if name != "kissane":
-            raise CrosscodersError("--scale/--scale-from apply to the kissane format only")
+            raise CrosscodersError(
+                f"--scale/--scale-from apply to the kissane format only, and {args.source} is "
+                f"{name}; drop them (its normalisation is read from the checkpoint)")
         options.update(scale=args.scale, scale_from=args.scale_from)
     model = import_crosscoder(source, format=name, **options)
     model.save(args.out)
@@ -313,19 +341,102 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+#: an OSError with one of these errnos is a problem with a path the user gave: the fix
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "a file is in the way of a directory; choose another path or move it",
+    errno.ENOTDIR: "a file is in the way of a directory; choose another path or move it",
+    errno.EISDIR: "it is a directory where a file is needed; give a file path",
+    errno.EACCES: "choose a location you can read/write, or fix its permissions",
+    errno.EPERM: "choose a location you can read/write, or fix its permissions",
+    errno.EROFS: "the file system is read-only; choose another location",
+    errno.ENOSPC: "free some space (or choose another location) and run the same command "
+                  "again",
+    errno.EDQUOT: "free some space (or choose another location) and run the same command "
+                  "again",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+#: where the traceback of an unexpected error goes when the command has an output directory
+ERROR_LOG = "crosscoders-error.log"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _output_dir(args: argparse.Namespace) -> Path | None:
+    """The command's existing output directory, where an error log belongs, or None."""
+    command = getattr(args, "command", None)
+    if command == "report":
+        out = Path(args.out).parent if args.out else Path(args.diff_dir)
+    elif command in ("init", "bench"):
+        return None  # they write single files, maybe into the working directory
+    else:
+        out = Path(args.out) if getattr(args, "out", None) else None
+    return out if out is not None and out.is_dir() else None
+
+
+def _write_traceback(args: argparse.Namespace, argv: Sequence[str] | None) -> str:
+    """Write the current exception's traceback to a log file; return where it went."""
+    command = shlex.join(["crosscoders", *(sys.argv[1:] if argv is None else argv)])
+    text = (f"{datetime.datetime.now().isoformat(timespec='seconds')}  {command}\n\n"
+            + traceback.format_exc())
+    out = _output_dir(args)
+    if out is not None:
+        try:
+            atomic_write_text(out / ERROR_LOG, text)
+            return str(out / ERROR_LOG)
+        except (OSError, CrosscodersError):
+            pass  # e.g. a read-only output directory: fall back to a temp file
+    for where in (None, os.getcwd()):
+        try:
+            fd, path = tempfile.mkstemp(prefix="crosscoders-error-", suffix=".log", dir=where)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            return path
+        except OSError:
+            continue
+    return "nowhere (no writable directory; set CROSSCODERS_TRACEBACK=1 to print it)"
+
+
+def _named_os_error(err: OSError) -> str | None:
+    """One line for an OSError on a path the user gave, or None if it is not one."""
+    fix = _OS_FIXES.get(err.errno)
+    if fix is None or err.filename is None:
+        return None
+    paths = str(err.filename) + (f" -> {err.filename2}" if err.filename2 else "")
+    return f"{paths}: {err.strerror or brief(err)}; {fix}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Problems the user can fix print ``error: ...`` (what is wrong and
+    how to fix it) and exit 2; an unexpected exception prints one line saying where its
+    full traceback was written and exits 1 (``CROSSCODERS_TRACEBACK=1`` re-raises it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "no_progress", False):
         _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        result = args.func(args)
+        return result if isinstance(result, int) else 0
     except (CrosscodersError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        if os.environ.get("CROSSCODERS_TRACEBACK"):
+            raise
+        named = _named_os_error(err) if isinstance(err, OSError) else None
+        if named is not None:
+            print(f"error: {_one_line(named)}", file=sys.stderr)
+            return 2
+        where = _write_traceback(args, argv)
+        print(f"error: unexpected {_one_line(brief(err, limit=300))}; full traceback in "
+              f"{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

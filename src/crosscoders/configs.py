@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -50,6 +51,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, option, path)
             except ConfigError as err:
                 errors.append(str(err))
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1 and isinstance(value, dict):
+            raise ConfigError(errors[0])  # a nested config's own error says more
         names = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"{path}: expected {names}, got {value!r}")
     if origin is typing.Literal:
@@ -111,6 +115,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def prefix_key_path(path: str, message: str, names: Any = ()) -> str:
+    """``message`` from inside the config at ``path``, with that path put in front.
+
+    A message that starts with one of the config's keys (``k must be ...``,
+    ``steps: expected ...``) becomes ``path.k must be ...``; ``unknown key x`` becomes
+    ``unknown key path.x``; anything else becomes ``path: message``.
+    """
+    if not path:
+        return message
+    for lead in ("unknown key ", "missing key "):
+        if message.startswith(lead):
+            return f"{lead}{path}.{message[len(lead):]}"
+    match = re.match(r"[A-Za-z_]\w*", message)
+    if match and match.group() in names:
+        return f"{path}.{message}"
+    return f"{path}: {message}"
+
+
 @dataclasses.dataclass
 class Config:
     """Base class: validation hook, dict/JSON/YAML round trip, strict loading."""
@@ -140,12 +162,21 @@ class Config:
                 f"unknown key {where}{unknown[0]} in {cls.__name__}; "
                 f"valid keys: {', '.join(sorted(names))}"
             )
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            where = f"{_path}." if _path else ""
+            raise ConfigError(
+                f"missing key {where}{missing[0]} in {cls.__name__}; add it"
+                + (f" (required: {', '.join(missing)})" if len(missing) > 1 else "")
+            )
         try:
             return cls(**data)
         except ConfigError as err:
-            raise ConfigError(f"{_path}.{err}" if _path else str(err)) from None
-        except TypeError as err:  # missing required fields
-            raise ConfigError(f"{cls.__name__}: {err}") from None
+            raise ConfigError(prefix_key_path(_path, str(err), names)) from None
+        except TypeError as err:  # a field the checks above do not cover
+            raise ConfigError(f"{_path or cls.__name__}: {err}") from None
 
     def replace(self: C, **changes: Any) -> C:
         """A validated copy with some fields changed (configs are never mutated in place)."""
@@ -164,9 +195,49 @@ class Config:
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+        """Read and validate a YAML/JSON file; errors name the file and the key."""
+        data = read_config_file(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML (``.yaml``/``.yml``) or JSON file; every way it can be wrong
+    (missing, unreadable, bad syntax, not a mapping) raises ConfigError saying so."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"config file {path} does not exist; check the path (`crosscoders init` writes a "
+            "commented example)"
+        )
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML/JSON file itself")
+    is_yaml = path.suffix in (".yaml", ".yml")
+    try:
         text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        return cls.from_dict(data or {})
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"config file {path} is not valid YAML ({err.problem or err.context}{where}); "
+            "fix the syntax there"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+            f"{err.colno}); fix the syntax there, or use a .yaml file"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} could not be parsed ({err}); fix the file") \
+            from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} holds a {type(data).__name__}, not a mapping of keys to "
+            "values; write it as `key: value` lines"
+        )
+    return data

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.io import atomic_write, atomic_write_text, check_dir_path, ensure_dir
 
 
 @dataclass
@@ -47,8 +47,7 @@ class LayerProfile:
     def save(self, out_dir: str | Path, plot: bool = True) -> Path:
         """Write ``layers.csv``, ``layers.parquet`` (with pandas), ``summary.json`` and,
         with matplotlib, ``layers.png``; each atomically."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = ensure_dir(out_dir)
         df = self.to_pandas()
         atomic_write(out / "layers.csv", lambda tmp: df.to_csv(tmp, index=False))
         try:
@@ -70,7 +69,8 @@ def firing_frequency(model: Any, data: Any, max_tokens: int | None = None,
     _check_model_data(model, rows)
     n = rows.n_tokens if max_tokens is None else min(rows.n_tokens, max_tokens)
     if n == 0:
-        raise ConfigError("no tokens to measure firing frequency on")
+        raise ConfigError("no tokens to measure firing frequency on; give --data with at least one "
+                          "token and --max-tokens >= 1")
     count_F = torch.zeros(model.dict_size, dtype=torch.int64)
     was_training = model.training
     model.eval()
@@ -202,6 +202,7 @@ def add_layers_arguments(parser: Any) -> None:
 def layers_from_args(args: Any) -> int:
     from crosscoders.model import Crosscoder
 
+    check_dir_path(args.out)
     model = Crosscoder.load(args.run_dir)
     freq_F = None
     if args.data:

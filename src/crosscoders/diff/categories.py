@@ -43,10 +43,14 @@ def _check_sources(W_dec_FSD: torch.Tensor, base: int, chat: int) -> None:
     for name, idx in (("base", base), ("chat", chat)):
         if not -n_sources <= idx < n_sources:
             raise CrosscodersError(
-                f"{name}={idx} is not a source index; the decoder has {n_sources}"
+                f"{name}={idx} is not a source index; the decoder has {n_sources} (use 0.."
+                f"{n_sources - 1})"
             )
     if base % n_sources == chat % n_sources:
-        raise CrosscodersError(f"base and chat must be different sources, got {base} and {chat}")
+        raise CrosscodersError(
+            f"base and chat must be different sources, got {base} and {chat}; pick two different "
+            "source indices"
+        )
 
 
 def decoder_norms(W_dec_FSD: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -237,7 +237,8 @@ def patch_test(
     if s_base.site != s_chat.site:
         raise ConfigError(
             f"the patch test needs the base and chat sources at the same site; got "
-            f"{s_base.site.name} and {s_chat.site.name}"
+            f"{s_base.site.name} and {s_chat.site.name}; give --base and --chat sources at one "
+            "site"
         )
     crosscoder.eval()
     keep = default_keep(input_ids_BT) if keep_BT is None else keep_BT.bool()

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from crosscoders.errors import ConfigError
+from crosscoders.io import check_dir_path, read_json
 
 
 def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +65,10 @@ def _parse_models(values: list[str] | None, manifest: dict[str, Any]) -> dict[st
 
 def _default_store(run_dir: str) -> str:
     config = Path(run_dir) / "config.json"
-    if config.exists():
-        data = json.loads(config.read_text()).get("metadata", {}).get("data", {})
+    if config.is_file():
+        meta = read_json(config, "the crosscoder directory is damaged: save it again, or "
+                                 "pass --store STORE_DIR")
+        data = meta.get("metadata", {}).get("data", {}) if isinstance(meta, dict) else {}
         if data.get("kind") == "activation_store" and Path(data.get("path", "")).is_dir():
             return data["path"]
     raise ConfigError(
@@ -96,6 +98,7 @@ def diff_from_args(args: argparse.Namespace) -> int:
     from crosscoders.diff.run import DiffConfig, run_diff
     from crosscoders.store import ActivationStore
 
+    check_dir_path(args.out)
     cfg = DiffConfig.load(args.config) if args.config else DiffConfig()
     flags = {"base": args.base, "chat": args.chat, "preset": args.preset,
              "latent_scaling": args.latent_scaling, "examples": args.examples,

@@ -85,7 +85,10 @@ class DiffingBenchConfig(Config):
             raise ConfigError(f"decoupled_sigma={self.decoupled_sigma} must be >= 0")
         unknown = set(self.activations) - {"relu", "topk", "batchtopk", "jumprelu"}
         if unknown:
-            raise ConfigError(f"unknown activation {sorted(unknown)[0]!r} in activations")
+            raise ConfigError(
+                f"unknown activation {sorted(unknown)[0]!r} in activations; use relu, topk, "
+                "batchtopk or jumprelu"
+            )
         get_thresholds(self.preset)
 
 
@@ -303,6 +306,10 @@ def add_bench_diffing_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_diffing_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed flags and print the table."""
+    from crosscoders.io import atomic_write_text, check_file_path
+
+    if args.json:
+        check_file_path(args.json, "--json")  # before minutes of training, not after
     cfg = DiffingBenchConfig.load(args.config) if args.config else DiffingBenchConfig()
     changes: dict[str, Any] = {}
     if args.activations:
@@ -320,8 +327,6 @@ def bench_diffing_from_args(args: argparse.Namespace) -> int:
     result = run_diffing_benchmark(cfg, progress=args.progress)
     print(format_diffing_table(result))
     if args.json:
-        from crosscoders.io import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
     return 0
 

@@ -115,9 +115,13 @@ class LatentScalingAccumulator:
         F_, S, _ = model.W_dec.shape
         for name, s in (("ref", ref), ("other", other)):
             if not 0 <= s < S:
-                raise ConfigError(f"{name}={s} is not a source index; the crosscoder has {S}")
+                raise ConfigError(
+                    f"{name}={s} is not a source index; the crosscoder has {S} (use 0..{S - 1})"
+                )
         if ref == other:
-            raise ConfigError(f"ref and other must be different sources, got {ref} twice")
+            raise ConfigError(
+                f"ref and other must be different sources, got {ref} twice; pick two sources"
+            )
         idx = torch.as_tensor(np.asarray(latents, dtype=np.int64).reshape(-1))
         if idx.unique().numel() != idx.numel():
             raise ConfigError("latent indices contain duplicates; pass each latent once")

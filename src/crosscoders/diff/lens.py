@@ -89,7 +89,10 @@ def lens_tokens(delta_D: Tensor, model: nn.Module, tokenizer: Any = None, top: i
     """Top promoted / suppressed tokens of ``delta_D`` through ``model``'s unembedding."""
     unembed = model.get_output_embeddings()
     if unembed is None:
-        raise CrosscodersError(f"{type(model).__name__} has no output embeddings to read through")
+        raise CrosscodersError(
+            f"{type(model).__name__} has no output embeddings to read through; the lens needs "
+            "a causal language model (AutoModelForCausalLM)"
+        )
     p = next(model.parameters())
     h = delta_D.to(p.device, p.dtype)[None, None, :]
     if apply_norm:

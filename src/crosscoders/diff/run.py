@@ -34,7 +34,7 @@ from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.stats import HeadRows, StoreRows, as_rows
 from crosscoders.diff.table import latent_table, resolve_source
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write_text
+from crosscoders.io import atomic_write_text, ensure_dir
 
 
 @dataclasses.dataclass
@@ -140,10 +140,11 @@ def run_diff(
     in the store manifest) -> local path or hub id; enables causal checks and the lens.
     """
     from crosscoders import Crosscoder
+    from crosscoders.harvest.models import resolve_device
 
     cfg = config or DiffConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(device=str(resolve_device(cfg.device)))  # "auto", or CUDA missing
+    out = ensure_dir(out_dir)
     cfg.save(out / "diff_config.json")
     model = Crosscoder.load(crosscoder) if isinstance(crosscoder, (str, Path)) else crosscoder
     model = model.to(cfg.device).eval()
@@ -246,7 +247,10 @@ def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
     contexts = list(dict.fromkeys(int(x) for x in meta["context"]))
     seqs = [store.context_tokens(ctx) for ctx in contexts]
     if not seqs:
-        raise ConfigError("the store has no contexts for the causal checks")
+        raise ConfigError(
+            "the store has no contexts for the causal checks; run diff without --models, or "
+            "harvest a store with more tokens"
+        )
     length = max(set(len(s) for s in seqs), key=lambda n: sum(len(s) == n for s in seqs))
     chosen = [s for s in seqs if len(s) == length][:n_contexts]
     return torch.as_tensor(np.stack(chosen), dtype=torch.long)

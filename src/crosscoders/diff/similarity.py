@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crosscoders.diff.stats import as_rows, progress_bar
+from crosscoders.diff.stats import as_rows, check_finite, progress_bar
 from crosscoders.errors import DataError
 
 
@@ -61,6 +61,8 @@ def svcca_from_cov(
     (co)variance sums."""
     lx, Ux = _top_directions(Cxx, keep, dims)
     ly, Uy = _top_directions(Cyy, keep, dims)
+    if lx[0] <= 0 or ly[0] <= 0:  # a constant side has no directions to correlate
+        return float("nan"), np.full(0, np.nan)
     M = (Uy.T @ Cyx @ Ux) / torch.sqrt(ly)[:, None] / torch.sqrt(lx)[None, :]
     rho = torch.linalg.svdvals(M).clamp(0, 1).numpy()
     return float(rho.mean()), rho
@@ -118,7 +120,9 @@ def similarity_matrix(
     with progress_bar(stop, "similarity", progress) as bar:
         for s in range(0, stop, batch_size):
             e = min(stop, s + batch_size)
-            acc.update_x(source.read(s, e))
+            x = source.read(s, e)
+            check_finite(source, x, s)
+            acc.update_x(x)
             bar.update(e - s)
     return similarity_from_gram(acc, rows, cols, keep, dims)
 
@@ -132,8 +136,11 @@ def similarity_from_gram(
 ) -> dict[str, np.ndarray]:
     """CKA / SVCCA matrices from a filled :class:`GramAccumulator`."""
     if acc.n < 2:
-        raise DataError("need at least 2 tokens for CKA / SVCCA")
+        raise DataError("need at least 2 tokens for CKA / SVCCA; give more activations")
     C = acc.centred()
+    if not bool(torch.isfinite(C).all()):
+        raise DataError("the activations hold non-finite values (NaN or inf), so CKA / SVCCA "
+                        "are undefined; clean or drop those rows first")
     cka = np.zeros((len(rows), len(cols)))
     cca = np.zeros((len(rows), len(cols)))
     for i, a in enumerate(rows):

@@ -214,6 +214,26 @@ def as_rows(data: Any, token_ids: Any = None, doc_ids: Any = None) -> RowSource:
     )
 
 
+def check_finite(rows: RowSource, x: Tensor, start: int) -> None:
+    """Refuse NaN/inf activations (they would poison every statistic and the SVDs)."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero()[0, 0]) + start
+    inner = rows
+    while isinstance(inner, HeadRows):
+        inner = inner.rows
+    if isinstance(inner, StoreRows):
+        raise DataError(
+            f"the activation store {inner.store.root} holds non-finite values (NaN or inf), "
+            f"first at row {bad}; its shards are damaged or the models produced them: "
+            "harvest again into a new directory (e.g. with --dtype float32)"
+        )
+    raise DataError(
+        f"the activations hold non-finite values (NaN or inf), first at row {bad}; clean or "
+        "drop those rows before the analysis"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # One encoded batch and the pass
 
@@ -310,6 +330,7 @@ def analysis_pass(
             for s in range(start, stop, batch_size):
                 e = min(stop, s + batch_size)
                 x = rows.read(s, e).to(device=device, dtype=model.W_dec.dtype)
+                check_finite(rows, x, s)
                 batch = EncodedBatch.encode(model, x, s, rows.tokens(s, e))
                 for consumer in consumers:
                     consumer.update(batch)

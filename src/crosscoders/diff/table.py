@@ -55,7 +55,10 @@ def resolve_source(model: Any, source: int | str) -> int:
         return names.index(source)
     index = int(source)
     if not -len(names) <= index < len(names):
-        raise ConfigError(f"source {index} is out of range; the crosscoder has {len(names)}")
+        raise ConfigError(
+            f"source {index} is out of range; the crosscoder has {len(names)} (use 0.."
+            f"{len(names) - 1} or a name: {', '.join(names)})"
+        )
     return index % len(names)
 
 
@@ -73,7 +76,9 @@ def weight_columns(
     """Columns that need only the weights: norms, relative norms, category, cosines."""
     b, c = resolve_source(model, base), resolve_source(model, chat)
     if b == c:
-        raise ConfigError(f"base and chat must be different sources, got {b} twice")
+        raise ConfigError(
+            f"base and chat must be different sources, got {b} twice; give --base and --chat"
+        )
     thresholds = get_thresholds(preset)
     W = normalised_decoder(model)
     norms_FS = model.decoder_norms().detach().cpu()

@@ -42,7 +42,10 @@ def detect_format(path: str | Path) -> str:
     """Name of the format at ``path`` (a file or directory), or a clear error."""
     path = Path(path)
     if not path.exists():
-        raise CrosscodersError(f"nothing to import at {path}: no such file or directory")
+        raise CrosscodersError(
+            f"nothing to import at {path}: no such file or directory; check the path, or give a "
+            "Hugging Face Hub id (owner/name[/subfolder])"
+        )
     if path.is_dir() and (path / "config.json").exists():
         import json
 

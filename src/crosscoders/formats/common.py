@@ -8,27 +8,23 @@ import torch
 from torch import Tensor
 
 from crosscoders.errors import CrosscodersError
+from crosscoders.io import read_safetensors, read_torch
 from crosscoders.model import Crosscoder, CrosscoderConfig
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
-    """A state dict from ``.safetensors`` or a torch pickle (loaded with weights_only)."""
+    """A state dict from ``.safetensors`` or a torch pickle (loaded with weights_only,
+    memory-mapped so probing a multi-GB checkpoint's keys reads almost nothing)."""
+    fix = ("the checkpoint is truncated or not a plain tensor state dict: download or save "
+           "it again (only state dicts of tensors are imported)")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        try:  # memory-mapped: probing a multi-GB checkpoint's keys reads almost nothing
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch files cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure gets the same advice
-        raise CrosscodersError(
-            f"could not read {path} as a torch state dict ({type(err).__name__}: {err}); "
-            "only plain tensor state dicts are imported"
-        ) from None
+        return read_safetensors(path, fix)
+    state = read_torch(path, fix, mmap=True)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CrosscodersError(f"{path} does not hold a state dict of tensors")
+        raise CrosscodersError(
+            f"{path} does not hold a state dict of tensors; save model.state_dict(), not the "
+            "model or a training checkpoint"
+        )
     return state
 
 
@@ -37,7 +33,8 @@ def require(state: dict[str, Tensor], keys: list[str], path: Path, what: str) ->
     if missing:
         raise CrosscodersError(
             f"{path} is missing {', '.join(missing)} for a {what} checkpoint (found: "
-            f"{', '.join(sorted(state)[:12])})"
+            f"{', '.join(sorted(state)[:12])}); pass the right --format, or the checkpoint "
+            "file itself"
         )
 
 
@@ -51,7 +48,8 @@ def build(config: CrosscoderConfig, W_enc_SDF: Tensor, W_dec_FSD: Tensor, b_enc_
     if got != expected:
         raise CrosscodersError(
             f"inconsistent shapes in {imported_from.get('path')}: with an encoder of shape "
-            f"[S={S}, D={D}, F={F_}] expected {expected}, found {got}"
+            f"[S={S}, D={D}, F={F_}] expected {expected}, found {got}; the checkpoint is "
+            "damaged or mixes two models: download or save it again"
         )
     model = Crosscoder(config)
     with torch.no_grad():

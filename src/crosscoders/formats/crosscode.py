@@ -36,11 +36,17 @@ def load(path: Path, source_names: list[str] | None = None) -> Crosscoder:
     import yaml
 
     if not matches(path):
-        raise CrosscodersError(f"{path}: expected a directory with model_cfg.yaml and model.pt")
+        raise CrosscodersError(
+            f"{path}: expected a directory with model_cfg.yaml and model.pt; pass the crosscode "
+            "checkpoint directory that holds both"
+        )
     try:
         cfg = yaml.safe_load((path / "model_cfg.yaml").read_text()) or {}
     except yaml.YAMLError as err:  # e.g. a python/object tag for the dtype in old versions
-        raise CrosscodersError(f"{path / 'model_cfg.yaml'} is not plain YAML: {err}") from None
+        raise CrosscodersError(
+            f"{path / 'model_cfg.yaml'} is not plain YAML ({' '.join(str(err).split())}); "
+            "remove python/object tags from it (e.g. write the dtype as a string)"
+        ) from None
     state = read_tensors(path / "model.pt")
     require(state, ["_W_enc_XiDiL", "_W_dec_LXoDo"], path / "model.pt", "crosscode")
     W_enc = state["_W_enc_XiDiL"].float()
@@ -85,7 +91,10 @@ def load(path: Path, source_names: list[str] | None = None) -> Crosscoder:
         s_in = state["folded_scaling_factors_in_Xi"].float().reshape(S)
         s_out = state["folded_scaling_factors_out_Xo"].float().reshape(S)
         if not torch.allclose(s_in, s_out):
-            raise CrosscodersError(f"{path}: different input and output scaling factors")
+            raise CrosscodersError(
+                f"{path}: different input and output scaling factors cannot be folded into one "
+                "crosscoder; fold them into the weights with crosscode first"
+            )
         with torch.no_grad():  # the weights already work on raw activations: record the scales
             model.folded_scale_S.copy_(s_in)
         model.metadata["imported_from"]["normalisation"] = {"scale": s_in.tolist()}
@@ -101,4 +110,7 @@ def _jumprelu_log_threshold(state: dict, path: Path, n_latents: int) -> torch.Te
                 raise CrosscodersError(f"{path}: {key} has {value.numel()} entries, "
                                        f"expected {n_latents}")
             return value
-    raise CrosscodersError(f"{path}: JumpReLU checkpoint without a log_threshold parameter")
+    raise CrosscodersError(
+        f"{path}: JumpReLU checkpoint without a log_threshold parameter; the checkpoint is "
+        "incomplete: save it again with crosscode"
+    )

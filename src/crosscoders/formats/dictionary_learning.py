@@ -51,7 +51,8 @@ def load(path: Path, source_names: list[str] | None = None) -> Crosscoder:
     file = _weights_file(path)
     if file is None:
         raise CrosscodersError(
-            f"{path}: expected model.safetensors (hub layout) or a .pt/.safetensors state dict"
+            f"{path}: expected model.safetensors (hub layout) or a .pt/.safetensors state dict; "
+            "pass the checkpoint directory or file, or --format auto to detect the format"
         )
     state = _strip_compile_prefix(read_tensors(file))
     require(state, _KEYS, file, "dictionary_learning crosscoder")
@@ -90,7 +91,10 @@ def load(path: Path, source_names: list[str] | None = None) -> Crosscoder:
     if is_batchtopk:
         threshold = state["threshold"].float()
         if threshold.numel() != 1:
-            raise CrosscodersError(f"{file}: a per-layer threshold (DECOUPLED) is not supported")
+            raise CrosscodersError(
+                f"{file}: a per-layer threshold (DECOUPLED) cannot be imported; only one global "
+                "threshold is representable"
+            )
         with torch.no_grad():
             # theirs: never calibrated (< 0) keeps every positive activation; 0 does that here
             model.activation.threshold.fill_(max(float(threshold), 0.0))
@@ -141,11 +145,17 @@ def _code_normalization(state: dict[str, Tensor], hub_config: dict, file: Path) 
     if "code_normalization_id" in state:
         code_id = int(state["code_normalization_id"])
         if code_id not in CODE_NORMALIZATIONS:
-            raise CrosscodersError(f"{file}: unknown code_normalization_id {code_id}")
+            raise CrosscodersError(
+                f"{file}: unknown code_normalization_id {code_id}; known: "
+                f"{', '.join(f'{k} {v}' for k, v in CODE_NORMALIZATIONS.items())}"
+            )
         return CODE_NORMALIZATIONS[code_id]
     name = str(hub_config.get("code_normalization", "CROSSCODER")).upper()
     if name not in CODE_NORMALIZATIONS.values():
-        raise CrosscodersError(f"{file}: unknown code_normalization {name!r} in config.json")
+        raise CrosscodersError(
+            f"{file}: unknown code_normalization {name!r} in config.json; use one of "
+            f"{', '.join(CODE_NORMALIZATIONS.values())}"
+        )
     return name  # their loader also defaults to CROSSCODER when the id is missing
 
 

@@ -28,7 +28,10 @@ def resolve(source: str | Path) -> Path:
     text = str(source)
     parts = text.split("/")
     if not looks_like_hub_id(text):
-        raise CrosscodersError(f"nothing at {source}: no such file or directory")
+        raise CrosscodersError(
+            f"nothing at {source}: no such file or directory; check the path (a Hugging Face "
+            "Hub id is owner/name[/subfolder])"
+        )
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         from huggingface_hub import snapshot_download
@@ -48,5 +51,7 @@ def resolve(source: str | Path) -> Path:
         ) from None
     target = Path(local) / subfolder if subfolder else Path(local)
     if not target.exists():
-        raise CrosscodersError(f"{repo_id} has no folder {subfolder!r}")
+        raise CrosscodersError(
+            f"{repo_id} has no folder {subfolder!r}; check the folder name in the repository"
+        )
     return target

@@ -50,7 +50,10 @@ def load(path: Path, scale: list[float] | Tensor | None = None, scale_from: Any 
     activations give the normalisation factors to fold in."""
     file = _weights_file(path)
     if file is None:
-        raise CrosscodersError(f"{path}: expected cc_weights.pt (or a .pt state dict)")
+        raise CrosscodersError(
+            f"{path}: expected cc_weights.pt (or a .pt state dict); pass the Kissane "
+            "checkpoint directory or file, or --format auto to detect the format"
+        )
     state = read_tensors(file)
     require(state, _KEYS, file, "Kissane crosscoder")
     W_enc_SDF = state["W_enc"].float()
@@ -114,5 +117,7 @@ def _cfg(path: Path, file: Path) -> dict:
             try:
                 return json.loads(candidate.read_text())
             except ValueError:
-                raise CrosscodersError(f"{candidate} is not valid JSON") from None
+                raise CrosscodersError(
+                    f"{candidate} is not valid JSON; fix it, or move it away to import without it"
+                ) from None
     return {}

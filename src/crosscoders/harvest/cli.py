@@ -9,6 +9,7 @@ from typing import Any
 from crosscoders.errors import ConfigError
 from crosscoders.harvest.config import DataSpec, HarvestConfig, ModelSpec
 from crosscoders.harvest.loop import harvest
+from crosscoders.io import check_dir_path
 from crosscoders.store.reader import ActivationStore
 
 # Flags that map one-to-one onto HarvestConfig fields (flag dest == field name).
@@ -149,7 +150,8 @@ def config_from_args(args: argparse.Namespace) -> HarvestConfig:
         weights = args.weights or [1.0] * len(args.data)
         if len(weights) != len(args.data):
             raise ConfigError(
-                f"--weights has {len(weights)} values for {len(args.data)} --data paths"
+                f"--weights has {len(weights)} values for {len(args.data)} --data paths; give "
+                "one weight per --data path, in the same order (or none, for equal weights)"
             )
         base["data"] = [
             {
@@ -183,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> HarvestConfig:
 
 def harvest_from_args(args: argparse.Namespace) -> ActivationStore:
     """Run the harvest the parsed arguments describe and print a one-line summary."""
+    check_dir_path(args.out)
     config = config_from_args(args)
     store = harvest(config, args.out, progress=not args.no_progress)
     masked = ", ".join(f"{k} {v}" for k, v in store.manifest.get("masked", {}).items())

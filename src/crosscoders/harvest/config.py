@@ -39,7 +39,9 @@ class ModelSpec(Config):
         if not self.sites:
             raise ConfigError(f"models[{self.path}].sites: empty; give at least one site, e.g. 0.5")
         if len(set(self.sites)) != len(self.sites):
-            raise ConfigError(f"models[{self.path}].sites: {self.sites} has duplicates")
+            raise ConfigError(
+                f"models[{self.path}].sites: {self.sites} has duplicates; list each site once"
+            )
 
 
 @dataclasses.dataclass

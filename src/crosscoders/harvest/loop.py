@@ -80,7 +80,8 @@ def plan_harvest(config: HarvestConfig) -> HarvestPlan:
             site = resolve_site(text, n_layers, names[m])
             if site in seen:
                 raise ConfigError(
-                    f"model {names[m]}: sites {seen[site]!r} and {text!r} are both {site.name}"
+                    f"model {names[m]}: sites {seen[site]!r} and {text!r} are both {site.name}; "
+                    "list each site once"
                 )
             seen[site] = text
             sources.append(SourcePlan(len(sources), m, names[m], site, d_model))
@@ -128,7 +129,8 @@ class ModelRunner:
         for source, hidden in zip(self.sources, outputs, strict=True):
             if hidden.shape[-1] != self.d_model:
                 raise DataError(
-                    f"{source.name} produced d_model {hidden.shape[-1]}, expected {self.d_model}"
+                    f"{source.name} produced d_model {hidden.shape[-1]}, expected {self.d_model}; "
+                    "please report this architecture"
                 )
             out[source.index] = hidden.reshape(-1, hidden.shape[-1])[keep_flat.to(hidden.device)]
         return out

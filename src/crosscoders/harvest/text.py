@@ -25,7 +25,8 @@ def _from_record(record: Any, spec: DataSpec, where: str) -> Document | None:
         return Document(text=record) if spec.format != "chat" else None
     if not isinstance(record, dict):
         raise DataError(
-            f"{where}: expected an object with a text or messages field, got {record!r:.80}"
+            f"{where}: expected an object with a text or messages field, got {record!r:.80}; "
+            "set --text-field / --messages-field to the field that holds the text"
         )
     if spec.format in ("chat", "auto") and spec.messages_field in record:
         messages = record[spec.messages_field]
@@ -79,7 +80,9 @@ def _jsonl(path: Path) -> Iterator[Any]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{number}: not valid JSON ({err})") from None
+                    raise DataError(
+                        f"{path}:{number}: not valid JSON ({err}); fix or delete that line"
+                    ) from None
 
 
 def _parquet(path: Path, spec: DataSpec) -> Iterator[Any]:

@@ -87,7 +87,10 @@ class TokenStream:
             elif token.isdigit() and int(token) < len(vocab):
                 excluded.add(int(token))
             else:
-                raise ConfigError(f"exclude_tokens: {token!r} is not a token of the tokenizer")
+                raise ConfigError(
+                    f"exclude_tokens: {token!r} is not a token of the tokenizer; spell it as "
+                    "the tokenizer does (e.g. <|im_end|>) or drop it"
+                )
         self.excluded_ids = np.array(sorted(excluded), dtype=np.int64)
 
     # -- documents -> token ids ---------------------------------------------------------------
@@ -106,7 +109,8 @@ class TokenStream:
                 texts.append(self.chat_tokenizer.apply_chat_template(doc.messages, tokenize=False))
             except Exception as err:  # jinja errors: bad roles, alternation, ...
                 raise DataError(
-                    f"{where}: the chat template rejected a conversation ({err})"
+                    f"{where}: the chat template rejected a conversation ({err}); check its roles "
+                    "and their order, or format the data as text (--format text)"
                 ) from err
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = []

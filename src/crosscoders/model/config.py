@@ -53,7 +53,8 @@ class CrosscoderConfig(Config):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
-                f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+                f"activation: unknown activation {self.activation!r}; choose one of "
+                f"{', '.join(ACTIVATIONS)}"
             )
         if self.activation in ("topk", "batchtopk"):
             if self.k is None or not 1 <= self.k <= self.dict_size:

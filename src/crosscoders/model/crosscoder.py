@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from crosscoders.errors import CrosscodersError, DataError
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.errors import ConfigError, CrosscodersError, DataError
+from crosscoders.io import atomic_write, atomic_write_text, ensure_dir, read_json, read_safetensors
 from crosscoders.model.activations import BatchTopK, TopK, make_activation
 from crosscoders.model.config import CrosscoderConfig
 from crosscoders.model.screen import (
@@ -259,7 +259,8 @@ class Crosscoder(nn.Module):
                 "stack sources on dim 1 (x[:, s] is source s)"
             )
         if not x.is_floating_point():
-            raise DataError(f"activations must be floating point, got {x.dtype}")
+            raise DataError(
+                f"activations must be floating point, got {x.dtype}; convert with x.float()")
         return x.to(self.W_enc.dtype)
 
     # ----------------------------------------------------------------- normalisation
@@ -294,8 +295,7 @@ class Crosscoder(nn.Module):
     # ----------------------------------------------------------------- save / load
     def save(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (each atomically) to ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = ensure_dir(directory, "crosscoder directory")
         tensors = {_FILE_KEYS.get(k, k): v.detach().cpu() for k, v in self.state_dict().items()}
         tensors["W_enc"] = tensors["W_enc"].permute(1, 2, 0)  # files hold W_enc [S, D, F]
         tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -328,20 +328,33 @@ class Crosscoder(nn.Module):
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not directory.is_dir():
-            raise CrosscodersError(f"no crosscoder directory at {directory}")
+            raise CrosscodersError(
+                f"no crosscoder directory at {directory}; check the path: give a directory "
+                f"written by `crosscoders train` or Crosscoder.save ({CONFIG_FILE} + "
+                f"{WEIGHTS_FILE}), or a Hub id owner/name"
+            )
         if not config_path.exists() or not weights_path.exists():
             raise CrosscodersError(
                 f"{directory} is not a crosscoder directory: it needs {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE} (other published formats: see crosscoders.formats)"
+                f"{WEIGHTS_FILE}; for a crosscoder saved by another codebase run `crosscoders "
+                "import` (see crosscoders.formats)"
             )
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != "crosscoders":
+        damaged = ("the crosscoder directory is damaged: save it again (Crosscoder.save, or "
+                   "re-run `crosscoders train`, which resumes from its checkpoint)")
+        meta = read_json(config_path, damaged)
+        if not isinstance(meta, dict) or meta.get("format") != "crosscoders":
             raise CrosscodersError(
                 f"{config_path} was not written by crosscoders (no 'format': 'crosscoders'); "
-                "to import another format use crosscoders.formats"
+                "to import another format use `crosscoders import` or crosscoders.formats"
             )
-        model = cls(CrosscoderConfig.from_dict(meta["config"]))
-        state = load_file(str(weights_path))
+        if not isinstance(meta.get("config"), dict):
+            raise CrosscodersError(f"{config_path} has no 'config' section; {damaged}")
+        try:
+            config = CrosscoderConfig.from_dict(meta["config"], _path="config")
+        except ConfigError as err:
+            raise ConfigError(f"{config_path}: {err}; {damaged}") from None
+        model = cls(config)
+        state = read_safetensors(weights_path, damaged)
         if "W_enc" in state:
             state["W_enc_FSD"] = state.pop("W_enc").permute(2, 0, 1)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -349,7 +362,7 @@ class Crosscoder(nn.Module):
         if expected != got:
             raise CrosscodersError(
                 f"{weights_path} does not match {config_path}: expected tensors {expected}, "
-                f"found {got}"
+                f"found {got}; the two files come from different models: {damaged}"
             )
         model.load_state_dict(state)
         model.metadata = meta.get("metadata", {})

@@ -88,7 +88,8 @@ class RealOrganismConfig(Config):
         if not self.trigger.isalpha():
             raise ConfigError(f"trigger: must be one alphabetic word, got {self.trigger!r}")
         if self.source and not Path(self.source).exists():
-            raise ConfigError(f"source: {self.source} does not exist")
+            raise ConfigError(
+                f"source: {self.source} does not exist; check the path to the GGUF file")
 
     def source_path(self) -> Path:
         return Path(self.source) if self.source else smollm2_gguf()

@@ -132,9 +132,5 @@ class PipelineConfig(Config):
             section["dict_size"] = (expansion or 16) * d_model
         if source_names and "source_names" not in section:
             section["source_names"] = source_names
-        try:
-            return CrosscoderConfig.from_dict(
-                {**section, "n_sources": n_sources, "d_model": d_model}
-            )
-        except ConfigError as err:
-            raise ConfigError(f"crosscoder.{err}") from None
+        return CrosscoderConfig.from_dict(
+            {**section, "n_sources": n_sources, "d_model": d_model}, _path="crosscoder")

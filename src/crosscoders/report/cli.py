@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from crosscoders.errors import CrosscodersError
+from crosscoders.io import brief, check_file_path
 from crosscoders.report.build import build_report
 
 
@@ -26,11 +28,22 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def report_from_args(args: argparse.Namespace) -> int:
     """Run ``build_report`` from parsed arguments and print where the report went."""
+    if args.out:
+        check_file_path(args.out)
+    if args.max_examples < 0:
+        raise CrosscodersError(f"--max-examples must be >= 0, got {args.max_examples}")
     token_strings = None
     if getattr(args, "tokenizer", None):
         from transformers import AutoTokenizer
 
-        token_strings = AutoTokenizer.from_pretrained(args.tokenizer).convert_ids_to_tokens
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as err:
+            raise CrosscodersError(
+                f"could not load the tokenizer {args.tokenizer} ({brief(err)}); give a local "
+                "tokenizer directory or a Hugging Face Hub id (owner/name)"
+            ) from None
+        token_strings = tokenizer.convert_ids_to_tokens
     path = build_report(args.diff_dir, args.run_dir, args.out, args.title,
                         max_examples=args.max_examples, token_strings=token_strings)
     print(f"wrote {path} (open it in a browser; it works offline)")

@@ -86,7 +86,8 @@ class ReportData:
             if required not in cols:
                 raise CrosscodersError(
                     f"the latent table has no {required!r} column (columns: {sorted(cols)}); "
-                    "it needs 'latent' and 'category'"
+                    "it needs 'latent' and 'category': pass the output directory of "
+                    "`crosscoders diff`, or re-run it"
                 )
         lengths = {name: len(col) for name, col in cols.items()}
         if len(set(lengths.values())) > 1:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from crosscoders.errors import CrosscodersError
+from crosscoders.io import read_json, unreadable
 from crosscoders.report.data import Example, ReportData
 
 LATENT_FILES = ("latents.parquet", "latents.csv")
@@ -65,8 +66,8 @@ def load_report_data(
         if found.suffix == ".parquet":
             import pandas as pd
 
-            data.examples = examples_from_frame(pd.read_parquet(found), max_examples,
-                                                token_strings)
+            data.examples = examples_from_frame(_read_table(found, pd.read_parquet),
+                                                max_examples, token_strings)
         else:
             data.examples = examples_from_sqlite(found, max_examples, token_strings)
     sim = _first(diff_dir, SIMILARITY_FILES)
@@ -82,7 +83,10 @@ def load_report_data(
     run = Path(run_dir) if run_dir is not None else find_run_dir(diff_dir, summary)
     if run is not None:
         if not run.is_dir():
-            raise CrosscodersError(f"run directory {run} does not exist")
+            raise CrosscodersError(
+                f"run directory {run} does not exist; check --run, or leave it out (the diff "
+                "directory usually records it)"
+            )
         data.metrics = read_metrics(run / "metrics.jsonl")
         data.config = _read_json(run / "run.json") or _read_json(run / "config.json") or {}
     data.title = title or _default_title(diff_dir, run)
@@ -99,7 +103,7 @@ def read_latent_table(diff_dir: Path) -> Any:
             f"{diff_dir} has no latent table ({' or '.join(LATENT_FILES)}); run "
             "`crosscoders diff` first or pass its output directory"
         )
-    return pd.read_parquet(found) if found.suffix == ".parquet" else pd.read_csv(found)
+    return _read_table(found, pd.read_parquet if found.suffix == ".parquet" else pd.read_csv)
 
 
 def find_run_dir(diff_dir: Path, summary: Mapping[str, Any]) -> Path | None:
@@ -119,7 +123,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -177,6 +181,8 @@ def examples_from_sqlite(
             "SELECT latent, kind, quantile, tokens, acts, text FROM examples "
             "ORDER BY latent, kind = 'sample', rank"
         ).fetchall()
+    except sqlite3.DatabaseError as err:
+        raise unreadable(path, "an examples database", err, _RERUN) from None
     finally:
         con.close()
     out: dict[int, list[Example]] = {}
@@ -323,11 +329,19 @@ def _first(directory: Path, names: Iterable[str]) -> Path | None:
 def _read_json(path: Path | None) -> Any:
     if path is None or not path.exists():
         return None
+    return read_json(path, "re-run the step that wrote it")
+
+
+#: the fix for a damaged output of the diff step
+_RERUN = "the file is damaged: re-run `crosscoders diff` into a new directory"
+
+
+def _read_table(path: Path, read: Callable[[Path], Any]) -> Any:
+    """A Parquet/CSV table; a damaged one raises DataError naming the file."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CrosscodersError(f"{path} is not valid JSON ({err}); re-run the step that "
-                               "wrote it") from err
+        return read(path)
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise unreadable(path, f"a {path.suffix.lstrip('.')} table", err, _RERUN) from None
 
 
 def _default_title(diff_dir: Path, run: Path | None) -> str:

@@ -40,13 +40,36 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    keys = sorted(set(a) | set(b))
-    return [
-        k
-        for k in keys
-        if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)
-    ]
+_ABSENT = object()
+
+
+def _diff_paths(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two JSON-like values differ, as ``key.path: A in the store, B now``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                out.append(_differs(sub, a.get(k, _ABSENT), b.get(k, _ABSENT)))
+            else:
+                out += _diff_paths(a[k], b[k], sub)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff_paths(x, y, f"{path}[{i}]")]
+    if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+        return [_differs(path, a, b)]
+    return []
+
+
+def _differs(path: str, a: Any, b: Any) -> str:
+    return f"{path}: {_short(a)} in the store, {_short(b)} now"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    if value is _ABSENT:
+        return "absent"
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _raise_if_disk_full(err: OSError, what: str, resume: str = "") -> None:
@@ -98,10 +121,11 @@ class StoreWriter:
             self.progress = {"identity": identity, "shards": [], "done": {}, "ended": None}
         old = self.progress.get("identity", {})
         if old != identity:
-            diff = ", ".join(_diff_keys(old, identity)[:6])
+            diff = "; ".join(_diff_paths(old, identity)[:4])
             raise ConfigError(
                 f"store directory {self.root} was harvested with another config (differs in: "
-                f"{diff}); use a new --out directory, or delete {self.root} to start over"
+                f"{diff}); harvest with the store's settings to resume, use a new --out "
+                f"directory, or delete {self.root} to start over"
             )
         self._clean_temp_files()
 
