@@ -323,3 +323,15 @@ def test_resume_removes_temporaries_of_a_killed_checkpoint_write_only(tmp_path, 
     assert not any((tmp_path / n).exists() for n in stale)
     assert all((tmp_path / n).read_bytes() == c for n, c in users.items())
     assert set(load_file(str(tmp_path / "model.safetensors"))) >= {"W_dec", "W_enc"}
+
+
+@pytest.mark.parametrize("damaged", ["run.json", "checkpoint.pt"])
+def test_damaged_run_files_give_a_clear_error_and_stay(tmp_path, monkeypatch, damaged):
+    acts, _ = planted_acts(n=512)
+    run = tmp_path / "run"
+    _interrupt(monkeypatch, acts, run)
+    (run / damaged).write_bytes(b"\x00 not what was written \xff")
+    before = _files(run)
+    with pytest.raises(CrosscodersError, match=damaged.replace(".", r"\.")):
+        train(_cfg(), acts, _tc(), run_dir=run)
+    assert _files(run) == before

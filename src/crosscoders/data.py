@@ -53,7 +53,8 @@ def check_activations(x: Tensor | np.ndarray, what: str = "activations") -> None
         raise DataError(f"{what} are empty (0 tokens); harvest or pass some data first")
     dtype = str(x.dtype)
     if "float" not in dtype and "bfloat" not in dtype:
-        raise DataError(f"{what} must be floating point, got dtype {dtype}")
+        raise DataError(f"{what} must be floating point, got dtype {dtype}; convert them "
+                        "first (x.float() for a tensor, arr.astype('float32') for an array)")
 
 
 _CHECK_BYTES = 64 << 20  # rows checked together by the finiteness pass

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from crosscoders.data import ActivationSource, as_source, find_nonfinite
 from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.io import atomic_write, atomic_write_text, read_json
 from crosscoders.model import Crosscoder, CrosscoderConfig
 from crosscoders.model.activations import BatchTopK
 from crosscoders.model.crosscoder import CONFIG_FILE, WEIGHTS_FILE
@@ -141,12 +141,12 @@ class Trainer:
         batches = device_batches(self.source.batches(c.batch_size, c.seed, start=self.step),
                                  self.device, depth)
         try:
-            return self._loop(batches)
+            return self._loop(batches, start_step)
         finally:
             if hasattr(batches, "close"):
                 batches.close()
 
-    def _loop(self, batches) -> Crosscoder:
+    def _loop(self, batches, start_step: int) -> Crosscoder:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, unit="step",
                    desc="train", dynamic_ncols=True)
@@ -289,7 +289,8 @@ class Trainer:
         run_file = self.run_dir / RUN_FILE
         identity = self._run_identity()
         if run_file.exists():
-            saved = json.loads(run_file.read_text())
+            saved = read_json(run_file, fix="it is not a run file this version can read; "
+                                            "train into a new run directory")
             _check_same_run(saved, identity, self.run_dir)
             unknown = set(identity["data"]) - set(saved.get("data", {}))
             if unknown:  # written before these keys existed: record them from now on
