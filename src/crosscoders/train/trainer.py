@@ -141,12 +141,12 @@ class Trainer:
         batches = device_batches(self.source.batches(c.batch_size, c.seed, start=self.step),
                                  self.device, depth)
         try:
-            return self._loop(batches)
+            return self._loop(batches, start_step)
         finally:
             if hasattr(batches, "close"):
                 batches.close()
 
-    def _loop(self, batches) -> Crosscoder:
+    def _loop(self, batches, start_step: int) -> Crosscoder:
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, unit="step",
                    desc="train", dynamic_ncols=True)
