@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--source-names", nargs="+", help="e.g. base chat")
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--parallel", choices=["data", "none"],
+                   help="under torchrun: data (the default there) trains one crosscoder on "
+                        "every process's slice of each batch; see docs/scaling.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_train)
 
@@ -63,7 +67,7 @@ def _run_train(args) -> int:
             sections[key].update(loaded.get(key) or {})
     train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                    "l1_coeff": args.l1_coeff, "seed": args.seed, "device": args.device,
-                   "checkpoint_every": args.checkpoint_every}
+                   "checkpoint_every": args.checkpoint_every, "parallel": args.parallel}
     sections["train"].update({k: v for k, v in train_flags.items() if v is not None})
     if args.no_progress:
         sections["train"]["progress"] = False
@@ -81,7 +85,8 @@ def _run_train(args) -> int:
     if "source_names" not in cc_dict and store_names and all(store_names):
         cc_dict["source_names"] = store_names  # e.g. base/resid_out:12, chat/resid_out:12
     model = train(CrosscoderConfig.from_dict(cc_dict), source, tc, run_dir=args.out)
-    print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved it
+        print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
     return 0
 
 
