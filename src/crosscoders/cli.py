@@ -186,6 +186,8 @@ def _run_pipeline(args) -> int:
     if args.out:
         config = config.replace(out=args.out)
     result = run_pipeline(config, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 ran every stage
+        return 0
     print(format_summary(result, result.token_strings()))
     return 0
 
