@@ -1,0 +1,423 @@
+"""Data-parallel training: 2 gloo processes on CPU train what one process trains.
+
+The processes are started as torchrun would start them (its environment variables), or by
+torchrun itself for the command line. Every rank reads only its slice of each global
+batch; the weights after training equal one process's on the same global batches.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig, train
+from crosscoders.cli import main as cli_main
+from crosscoders.data import TensorSource, shard_rows, sharded_batches
+from crosscoders.errors import ConfigError, CrosscodersError, DataError
+from crosscoders.model.sparse import batch_topk
+from crosscoders.pipeline.run import train_identity
+from crosscoders.train import distributed
+from crosscoders.train.distributed import DataParallel
+from crosscoders.train.loss import global_batch_topk
+from crosscoders.train.trainer import Trainer
+from helpers import planted_acts
+
+TESTS = Path(__file__).parent
+SRC = TESTS.parent / "src"
+WORKER = TESTS / "ddp_worker.py"
+
+
+def _env(**extra) -> dict:
+    path = os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(spec: dict, world: int = 2) -> list[subprocess.Popen]:
+    """``world`` ranks of ddp_worker.py, started with torchrun's variables."""
+    port = str(_free_port())
+    return [subprocess.Popen(
+        [sys.executable, str(WORKER), json.dumps(spec)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for r in range(world)]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
+    out = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        out.append((proc.returncode, err))
+    return out
+
+
+def _job(run_dir: Path, activation: str, steps: int, dict_size: int = 512, **train_kw) -> dict:
+    crosscoder = {"n_sources": 2, "d_model": 16, "dict_size": dict_size, "k": 4,
+                  "activation": activation}
+    tc = {"steps": steps, "batch_size": 128, "checkpoint_every": 10, "eval_every": 25,
+          "log_every": 5, "eval_tokens": 256, "progress": False, "dist_timeout_minutes": 0.5,
+          **train_kw}
+    return {"run_dir": str(run_dir), "crosscoder": crosscoder, "train": tc}
+
+
+@contextmanager
+def _one_thread():
+    """One torch thread, as each rank has: tiny GEMMs on two threads of a busy machine
+    spend most of their time waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single(job: dict, n_tokens: int = 4096) -> dict[str, torch.Tensor]:
+    """The job trained by this (one) process: its final weights."""
+    acts, _ = planted_acts(n=n_tokens)
+    with _one_thread():
+        model = train(CrosscoderConfig.from_dict(job["crosscoder"]), acts,
+                      TrainConfig.from_dict(job["train"]))
+    return model.state_dict()
+
+
+def _assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    trained = Crosscoder.load(run_dir).state_dict()
+    for name in ("W_enc_FSD", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(trained[name], reference[name], rtol=1e-5, atol=1e-5,
+                                   msg=name)
+
+
+def _records(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+# ----------------------------------------------------------------- two processes
+
+
+def test_two_processes_train_the_single_process_weights(tmp_path):
+    """BatchTopK over the global batch with AuxK reviving dead latents, and ReLU + L1:
+    50 steps on 2 ranks give one process's weights, metrics and run.json records.
+
+    The ranks' summed gradients differ from one process's only by rounding (~1e-7); Adam
+    divides by the gradient's scale, so entries whose gradient nearly cancels (many in a
+    wide, barely active ReLU dictionary) can drift further: the ReLU case is kept small."""
+    jobs = [_job(tmp_path / "batchtopk", "batchtopk", 50, dead_after_tokens=512, screen="off"),
+            _job(tmp_path / "relu", "relu", 50, dict_size=128)]
+    procs = _launch({"jobs": jobs})
+    results = _finish(procs)
+    assert all(code == 0 for code, _ in results), results
+    for job in jobs:
+        run_dir = Path(job["run_dir"])
+        _assert_same_weights(run_dir, _single(job))
+        run = json.loads((run_dir / "run.json").read_text())
+        assert run["distributed"] == {"mode": "data", "world_size": 2}
+        steps = [r["step"] for r in _records(run_dir)]
+        assert steps == list(range(5, 51, 5))  # rank 0 alone writes the metrics
+        assert _records(run_dir, "eval")[-1]["n_tokens"] == 256  # both halves evaluated
+    logged = _records(tmp_path / "batchtopk")
+    assert any(r["auxk"] > 0 for r in logged) and logged[-1]["dead_frac"] > 0  # AuxK ran
+    assert all(r["l0"] == 4.0 for r in logged)  # k per token over the global batch
+
+
+def test_killed_rank_stops_the_other_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    job = _job(run_dir, "batchtopk", 120, dict_size=128, dead_after_tokens=512, screen="on")
+    procs = _launch({"jobs": [job]})
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    start = time.time()
+    (code, err), _ = _finish(procs, timeout=120)
+    assert time.time() - start < 60  # stopped, not hung
+    assert code == 2, err
+    message = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(message) == 1 and "another data-parallel process stopped" in message[0]
+    assert "run the same command again to resume" in message[0]
+    assert not (run_dir / "model.safetensors").exists(), "kill came too late to test resume"
+
+    results = _finish(_launch({"jobs": [job]}))  # the same command again: resumes
+    assert all(code == 0 for code, _ in results), results
+    _assert_same_weights(run_dir, _single(job))
+    steps = [r["step"] for r in _records(run_dir)]
+    assert steps == list(range(5, 121, 5))  # no duplicates after the resume
+
+
+def test_torchrun_cli_resumes_a_single_process_run_on_two(tmp_path):
+    """`torchrun -m crosscoders train` continues a run one process started: the same
+    global batches, so the weights match an uninterrupted single-process run; run.json
+    and stderr say what changed."""
+    acts, _ = planted_acts(n=2048)
+    data = tmp_path / "acts.pt"
+    torch.save(acts, data)
+    out = tmp_path / "run"
+    cfg = CrosscoderConfig(n_sources=2, d_model=16, dict_size=128, activation="batchtopk", k=4)
+    tc = TrainConfig(steps=40, batch_size=128, checkpoint_every=10, progress=False)
+
+    class Interrupted(TensorSource):
+        def batches(self, batch_size, seed, start=0, shard=None):
+            for i, batch in enumerate(super().batches(batch_size, seed, start, shard)):
+                if i == 25:
+                    raise KeyboardInterrupt
+                yield batch
+
+    with pytest.raises(KeyboardInterrupt), _one_thread():
+        train(cfg, Interrupted(acts, tc.eval_tokens, name=str(data)), tc, run_dir=out)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 20
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "crosscoders", "train", "--data", str(data), "--out", str(out),
+         "--activation", "batchtopk", "--dict-size", "128", "--k", "4", "--steps", "40",
+         "--batch-size", "128", "--checkpoint-every", "10", "--no-progress"],
+        env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "on 2 data-parallel process(es) instead of 1" in proc.stderr
+    assert proc.stdout.count("saved crosscoder") == 1  # rank 0 only
+    run = json.loads((out / "run.json").read_text())
+    assert run["distributed"] == {
+        "mode": "data", "world_size": 2,
+        "history": [{"step": 0, "mode": "none", "world_size": 1},
+                    {"step": 20, "mode": "data", "world_size": 2}]}
+    with _one_thread():
+        reference = train(cfg, acts, tc)
+    _assert_same_weights(out, reference.state_dict())
+
+
+# ----------------------------------------------------------------- data layer
+
+
+def _store(tmp_path):
+    from test_store import write_store
+
+    data = np.random.default_rng(0).standard_normal((100, 2, 8)).astype(np.float32)
+    store = write_store(tmp_path / "store", data)
+    store.chunk_rows, store.window_rows = 8, 24  # several windows per epoch
+    return store, data
+
+
+@pytest.mark.parametrize("kind", ["tensor", "store"])
+@pytest.mark.parametrize("world, start", [(2, 0), (3, 5), (4, 7)])
+def test_ranks_read_disjoint_slices_of_the_single_process_batches(tmp_path, kind, world,
+                                                                   start):
+    if kind == "store":
+        source, data = _store(tmp_path)
+    else:
+        source = TensorSource(torch.randn(100, 2, 8), n_eval=10)
+    B = 12
+    whole = source.batches(B, seed=3, start=start)
+    parts = [sharded_batches(source, B, 3, start=start, shard=(r, world))
+             for r in range(world)]
+    for _ in range(25):
+        batch = next(whole)
+        got = [next(p) for p in parts]
+        assert all(g.shape[0] == B // world for g in got)
+        assert torch.equal(torch.cat(got), batch)
+
+
+def test_a_rank_reads_only_its_own_rows_of_the_store(tmp_path):
+    store, data = _store(tmp_path)
+    store._verified = set(range(len(store.shards)))  # no hashing reads: only the batches'
+    read: list[int] = []
+    real = store._shard_acts
+
+    def spy(shard, s):  # the rows a reader takes from the shard files' memory maps
+        array = real(shard, s)
+
+        class Rows:
+            def __getitem__(self, index):
+                if s == 0:
+                    rows = np.arange(array.shape[0])[index] + int(store._offsets[shard])
+                    read.extend(np.atleast_1d(rows).tolist())
+                return array[index]
+        return Rows()
+
+    B, world, rank = 12, 3, 1
+    lo, hi = shard_rows(B, (rank, world))
+    whole = store.batches(B, seed=3, start=2)
+    batches = [next(whole) for _ in range(6)]  # positions 24..95: all the reader touches
+    store._shard_acts = spy
+    mine = store.batches(B, seed=3, start=2, shard=(rank, world))
+    for batch in batches[:3]:
+        assert torch.equal(next(mine), batch[lo:hi])
+    key = {float(v): i for i, v in enumerate(data[:, 0, 0])}  # row of each value
+    own = {key[float(v)] for b in batches for v in b[lo:hi, 0, 0]}
+    others = {key[float(v)] for b in batches for v in b[:, 0, 0]} - own
+    assert read and len(read) == len(set(read))
+    assert set(read) <= own and not set(read) & others
+
+
+def test_uneven_split_and_torchrun_settings_are_refused(monkeypatch):
+    with pytest.raises(DataError, match="divisible by 3"):
+        shard_rows(128, (0, 3))
+    dp = DataParallel(0, 3, 0, torch.device("cpu"), timeout=None)
+    with pytest.raises(DataError, match="batch size divisible by 3"):
+        Trainer(_model(), TensorSource(torch.randn(256, 2, 16)),
+                TrainConfig(batch_size=128, progress=False), dp=dp)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="not started by torchrun"):
+        train(CrosscoderConfig(n_sources=2, d_model=16, dict_size=32),
+              torch.randn(64, 2, 16), TrainConfig(steps=1, parallel="data", progress=False))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="would all write the same run directory"):
+        distributed.resolve_parallel("none")
+    assert distributed.resolve_parallel("auto") == "data"
+
+
+def _model():
+    return Crosscoder(CrosscoderConfig(n_sources=2, d_model=16, dict_size=32))
+
+
+def test_cli_parallel_data_without_torchrun_exits_2(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    data = tmp_path / "acts.pt"
+    torch.save(torch.randn(256, 2, 16), data)
+    code = cli_main(["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                     "--parallel", "data", "--steps", "2", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "torchrun --nproc-per-node N" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_nccl_unavailable_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed, "_rank_device", lambda *a: torch.device("cuda", 0))
+    monkeypatch.setattr(distributed.dist, "is_nccl_available", lambda: False)
+    with pytest.raises(CrosscodersError, match="needs NCCL.*train on cpu"):
+        DataParallel.from_env("cuda", 1.0)
+
+
+def test_pipeline_hash_leaves_out_how_training_is_spread():
+    base = train_identity(TrainConfig())
+    assert train_identity(TrainConfig(parallel="data", dist_timeout_minutes=3)) == base
+    assert "batchtopk_scope" not in base
+    assert train_identity(TrainConfig(batchtopk_scope="local"))["batchtopk_scope"] == "local"
+
+
+class _ThreadRanks:
+    """Stand-in for the ranks' gather: threads that swap values through a barrier."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.slots: list = [None] * world
+        self.barrier = threading.Barrier(world)
+
+    def rank(self, r: int):
+        ranks = self
+
+        class Rank:
+            world_size = ranks.world
+
+            def gather_values(self, values, what=""):
+                ranks.barrier.wait()
+                ranks.slots[r] = values
+                ranks.barrier.wait()
+                every = torch.cat(list(ranks.slots))
+                ranks.barrier.wait()
+                return every
+        return Rank()
+
+
+@pytest.mark.parametrize("hint", [None, 0.5, 1e9, 1e-9])
+def test_global_batch_topk_equals_the_selection_on_the_whole_batch(hint):
+    """Candidates above the hint when they suffice, else each rank's own top: either way
+    the global top k * B (a hint too high falls back, never changes the result)."""
+    torch.manual_seed(0)
+    world, B, F_, k = 3, 12, 64, 5
+    scores_BF = torch.randn(B, F_).relu()
+    n_keep = k * B
+    token, latent = batch_topk(scores_BF, n_keep)
+    expected = {(int(t), int(f)) for t, f in zip(token, latent)}
+    ranks = _ThreadRanks(world)
+    found: list = [None] * world
+    part = B // world
+
+    def run(r):
+        rows = scores_BF[r * part:(r + 1) * part]
+        t, f = global_batch_topk(rows, n_keep, hint, ranks.rank(r))
+        found[r] = {(int(a) + r * part, int(b)) for a, b in zip(t, f)}
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set().union(*found) == expected
+
+
+@pytest.mark.slow
+def test_torchrun_pipeline_trains_on_every_rank_and_skips_when_done(tmp_path, capsys,
+                                                                    monkeypatch):
+    """`torchrun -m crosscoders run` with train.parallel: data: rank 0 harvests and
+    profiles, both ranks train; run again, the up-to-date stage lets the others go."""
+    import yaml
+
+    from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
+
+    make_model(tmp_path / "lm", "llama", tokenizer=make_tokenizer(), d_model=16, n_layers=2)
+    write_text_corpus(tmp_path / "text.jsonl", 60)
+    config = {
+        "out": str(tmp_path / "exp"),
+        "harvest": {"models": [{"path": str(tmp_path / "lm"), "name": "lm",
+                                "sites": ["0", "1"]}],
+                    "data": [{"path": str(tmp_path / "text.jsonl")}], "tokens": 600,
+                    "context_length": 16, "batch_size": 8, "store_dtype": "float32",
+                    "device": "cpu", "eval_tokens": 0.1},
+        "crosscoder": {"activation": "batchtopk", "k": 4, "expansion": 2},
+        "train": {"steps": 8, "batch_size": 64, "eval_tokens": 64, "norm_sample_tokens": 256,
+                  "device": "cpu", "progress": False, "parallel": "data"},
+        "layers": {"threshold": 0.5, "max_tokens": 400},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "crosscoders", "run", str(path), "--no-progress"]
+    first = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("experiment: ") == 1  # rank 0 alone prints the summary
+    assert "train     ran" in first.stdout
+    run = json.loads((tmp_path / "exp" / "crosscoder" / "run.json").read_text())
+    assert run["distributed"] == {"mode": "data", "world_size": 2}
+    again = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "train     skipped" in again.stdout
+    # one process, parallel left at auto: the same stage, not redone
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config["train"].pop("parallel")
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["run", str(path), "--no-progress"]) == 0
+    assert "train     skipped" in capsys.readouterr().out
+    # parallel: data without torchrun names the fix
+    config["train"]["parallel"] = "data"
+    path.write_text(yaml.safe_dump(config))
+    assert cli_main(["run", str(path), "--no-progress"]) == 2
+    assert "not started by torchrun" in capsys.readouterr().err
