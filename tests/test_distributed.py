@@ -114,34 +114,48 @@ def _records(run_dir: Path, split: str = "train") -> list[dict]:
 # ----------------------------------------------------------------- two processes
 
 
-def test_two_processes_train_the_single_process_weights(tmp_path):
+def _kill_job(run_dir: Path) -> dict:
+    return _job(run_dir, "batchtopk", 120, dict_size=128, dead_after_tokens=512, screen="on")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """One launch of 2 ranks training three runs: BatchTopK and ReLU for 50 steps, and the
+    uninterrupted twin of the kill test's run."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    jobs = [_job(root / "batchtopk", "batchtopk", 50, dead_after_tokens=512, screen="off"),
+            _job(root / "relu", "relu", 50, dict_size=128), _kill_job(root / "whole")]
+    results = _finish(_launch({"jobs": jobs}))
+    assert all(code == 0 for code, _ in results), results
+    return root
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "relu"])
+def test_two_processes_train_the_single_process_weights(two_ranks, activation):
     """BatchTopK over the global batch with AuxK reviving dead latents, and ReLU + L1:
     50 steps on 2 ranks give one process's weights, metrics and run.json records.
 
     The ranks' summed gradients differ from one process's only by rounding (~1e-7); Adam
     divides by the gradient's scale, so entries whose gradient nearly cancels (many in a
     wide, barely active ReLU dictionary) can drift further: the ReLU case is kept small."""
-    jobs = [_job(tmp_path / "batchtopk", "batchtopk", 50, dead_after_tokens=512, screen="off"),
-            _job(tmp_path / "relu", "relu", 50, dict_size=128)]
-    procs = _launch({"jobs": jobs})
-    results = _finish(procs)
-    assert all(code == 0 for code, _ in results), results
-    for job in jobs:
-        run_dir = Path(job["run_dir"])
-        _assert_same_weights(run_dir, _single(job))
-        run = json.loads((run_dir / "run.json").read_text())
-        assert run["distributed"] == {"mode": "data", "world_size": 2}
-        steps = [r["step"] for r in _records(run_dir)]
-        assert steps == list(range(5, 51, 5))  # rank 0 alone writes the metrics
-        assert _records(run_dir, "eval")[-1]["n_tokens"] == 256  # both halves evaluated
-    logged = _records(tmp_path / "batchtopk")
-    assert any(r["auxk"] > 0 for r in logged) and logged[-1]["dead_frac"] > 0  # AuxK ran
-    assert all(r["l0"] == 4.0 for r in logged)  # k per token over the global batch
+    run_dir = two_ranks / activation
+    job = json.loads((run_dir / "run.json").read_text())
+    _assert_same_weights(run_dir, _single(job))
+    assert job["distributed"] == {"mode": "data", "world_size": 2}
+    steps = [r["step"] for r in _records(run_dir)]
+    assert steps == list(range(5, 51, 5))  # rank 0 alone writes the metrics
+    assert _records(run_dir, "eval")[-1]["n_tokens"] == 256  # both halves evaluated
+    if activation == "batchtopk":
+        logged = _records(run_dir)
+        assert any(r["auxk"] > 0 for r in logged) and logged[-1]["dead_frac"] > 0  # AuxK ran
+        assert all(r["l0"] == 4.0 for r in logged)  # k per token over the global batch
 
 
-def test_killed_rank_stops_the_other_and_the_run_resumes(tmp_path):
+def test_killed_rank_stops_the_other_and_the_run_resumes(two_ranks, tmp_path):
+    """Rank 1 killed: rank 0 stops at once with one line; the same command again resumes
+    and ends with exactly the uninterrupted run's weights (and one process's)."""
     run_dir = tmp_path / "run"
-    job = _job(run_dir, "batchtopk", 120, dict_size=128, dead_after_tokens=512, screen="on")
+    job = _kill_job(run_dir)
     procs = _launch({"jobs": [job]})
     deadline = time.time() + 120
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
@@ -159,6 +173,9 @@ def test_killed_rank_stops_the_other_and_the_run_resumes(tmp_path):
 
     results = _finish(_launch({"jobs": [job]}))  # the same command again: resumes
     assert all(code == 0 for code, _ in results), results
+    resumed = Crosscoder.load(run_dir).state_dict()
+    whole = Crosscoder.load(two_ranks / "whole").state_dict()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
     _assert_same_weights(run_dir, _single(job))
     steps = [r["step"] for r in _records(run_dir)]
     assert steps == list(range(5, 121, 5))  # no duplicates after the resume
