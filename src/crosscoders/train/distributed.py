@@ -144,10 +144,10 @@ class DataParallel:
                 dist.all_reduce(tensor, op=red)
         return tensor
 
-    def gather_values(self, values_E: Tensor, what: str = "gathering values") -> Tensor:
-        """Every rank's 1-D ``values_E`` concatenated in rank order (lengths may differ)."""
+    def gather_values(self, values_E: Tensor, what: str = "gathering values") -> list[Tensor]:
+        """Every rank's 1-D ``values_E``, in rank order (their lengths may differ)."""
         if self.world_size == 1:
-            return values_E
+            return [values_E]
         with self._guard(what):
             n = torch.tensor([values_E.numel()], dtype=torch.long, device=values_E.device)
             sizes = [torch.empty_like(n) for _ in range(self.world_size)]
@@ -157,7 +157,7 @@ class DataParallel:
             padded[: values_E.numel()] = values_E
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+        return [p[:c] for p, c in zip(parts, counts)]
 
     def broadcast_(self, tensors: Sequence[Tensor], what: str = "sharing rank 0's state") -> None:
         """Overwrite ``tensors`` with rank 0's (in place)."""
@@ -181,13 +181,28 @@ class DataParallel:
                 dist.barrier()
 
 
-def global_cut(dp: DataParallel, values_E: Tensor, n_keep: int) -> Tensor | None:
-    """The ``n_keep``-th largest of all ranks' (positive) ``values_E``, or None when the
-    ranks hold fewer than ``n_keep`` in total; the same tensor on every rank."""
-    every = dp.gather_values(values_E, "the global BatchTopK selection")
-    if every.numel() < n_keep:
-        return None
-    return torch.topk(every, n_keep, sorted=False).values.min()
+def global_top(dp: DataParallel, values_E: Tensor, n_keep: int,
+               parts: list[Tensor] | None = None) -> Tensor:
+    """Bool mask of this rank's share of the ``n_keep`` largest of all ranks' values.
+
+    The ranks gather the values (or pass ``parts``, already gathered) and keep what is above
+    the ``n_keep``-th largest; entries equal to it are shared out in rank order, so exactly
+    ``n_keep`` are kept in all (all of them when the ranks hold no more), however coarse the
+    values (bf16 scores tie often).
+    """
+    parts = parts if parts is not None else dp.gather_values(
+        values_E, "the global BatchTopK selection")
+    every = torch.cat(parts)
+    if every.numel() <= n_keep:
+        return torch.ones_like(values_E, dtype=torch.bool)
+    cut = torch.topk(every, n_keep, sorted=False).values.min()
+    above = int(sum(int((p > cut).sum()) for p in parts))
+    ties_before = sum(int((p == cut).sum()) for p in parts[: dp.rank])
+    keep = values_E > cut
+    tied = torch.nonzero(values_E == cut).squeeze(1)
+    allowed = max(0, min(tied.numel(), n_keep - above - ties_before))
+    keep[tied[:allowed]] = True
+    return keep
 
 
 class GradientReducer:

@@ -40,7 +40,7 @@ from crosscoders.model.sparse import (
     squared_error,
     topk_per_token,
 )
-from crosscoders.train.distributed import DataParallel, global_cut
+from crosscoders.train.distributed import DataParallel, global_top
 
 
 @dataclass
@@ -91,23 +91,19 @@ def global_batch_topk(scores_BF: Tensor, n_keep: int, hint: float | None,
 
     Every rank proposes candidates: its entries at or above ``hint`` (the last step's cut,
     lowered) when all ranks' together number at least ``n_keep`` (then they hold the global
-    top), else its own top ``n_keep``. The ranks gather the candidates' values, take the
-    ``n_keep``-th largest as the cut and keep their entries at or above it: the selection
-    one process makes on the whole batch (ties at the cut aside).
+    top), else its own top ``n_keep``. The ranks gather the candidates' values and keep the
+    ``n_keep`` largest (:func:`global_top`): the selection one process makes on the whole
+    batch (which of several entries tied at the cut are kept aside).
     """
     if hint is not None and hint > 0:
         token_idx, latent_idx = entries_at_least(scores_BF, hint)
         values_E = scores_BF[token_idx, latent_idx]
-        every = dp.gather_values(values_E, "the global BatchTopK selection")
-        if every.numel() >= n_keep:
-            keep = values_E >= torch.topk(every, n_keep, sorted=False).values.min()
+        parts = dp.gather_values(values_E, "the global BatchTopK selection")
+        if sum(p.numel() for p in parts) >= n_keep:
+            keep = global_top(dp, values_E, n_keep, parts)
             return token_idx[keep], latent_idx[keep]
     token_idx, latent_idx = batch_topk(scores_BF, n_keep)
-    values_E = scores_BF[token_idx, latent_idx]
-    cut = global_cut(dp, values_E, n_keep)
-    if cut is None:  # fewer positive entries than n_keep in the whole batch: keep them all
-        return token_idx, latent_idx
-    keep = values_E >= cut
+    keep = global_top(dp, scores_BF[token_idx, latent_idx], n_keep)
     return token_idx[keep], latent_idx[keep]
 
 
@@ -214,10 +210,8 @@ class SparseStep:
                 n_keep = k * B * self.dp.world_size
                 found = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, n_keep, None,
                                             self._screen_workspace)
-                cut = global_cut(self.dp, found[3], n_keep)
-                if cut is not None:
-                    keep = found[3] >= cut
-                    found = tuple(t[keep] for t in found)
+                keep = global_top(self.dp, found[3], n_keep)
+                found = tuple(t[keep] for t in found)
             elif isinstance(act, BatchTopK):
                 found = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, k * B,
                                             knobs.threshold_hint, self._screen_workspace)
