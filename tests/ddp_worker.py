@@ -19,6 +19,10 @@ from helpers import planted_acts
 
 def main(spec: dict) -> int:
     torch.set_num_threads(1)
+    if "own_bucket_numel" in spec:  # small test models: give W_enc and W_dec their buckets
+        from crosscoders.train import distributed
+
+        distributed.OWN_BUCKET_NUMEL = spec["own_bucket_numel"]
     acts, _ = planted_acts(n=spec.get("n_tokens", 4096))
     if len(spec["jobs"]) > 1:  # one process group for every job (train() reuses it)
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=1))

@@ -125,7 +125,9 @@ def two_ranks(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("two_ranks")
     jobs = [_job(root / "batchtopk", "batchtopk", 50, dead_after_tokens=512, screen="off"),
             _job(root / "relu", "relu", 50, dict_size=128), _kill_job(root / "whole")]
-    results = _finish(_launch({"jobs": jobs}))
+    # W_enc and W_dec get buckets of their own here (all-reduced from backward's hooks);
+    # the kill test's runs keep every gradient in the flat bucket
+    results = _finish(_launch({"jobs": jobs, "own_bucket_numel": 1024}))
     assert all(code == 0 for code, _ in results), results
     return root
 
