@@ -212,7 +212,7 @@ def test_torchrun_cli_resumes_a_single_process_run_on_two(tmp_path):
          "--batch-size", "128", "--checkpoint-every", "10", "--no-progress"],
         env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    assert "on 2 data-parallel process(es) instead of 1" in proc.stderr
+    assert "at step 20 on 2 data-parallel processes instead of 1 process" in proc.stderr
     assert proc.stdout.count("saved crosscoder") == 1  # rank 0 only
     run = json.loads((out / "run.json").read_text())
     assert run["distributed"] == {
@@ -401,3 +401,23 @@ def test_global_batch_topk_equals_the_selection_on_the_whole_batch(hint, coarse)
     if not coarse:  # no ties: the very same entries as one process's selection
         token, latent = batch_topk(scores_BF, n_keep)
         assert set(kept) == {(int(t), int(f)) for t, f in zip(token, latent)}
+
+
+def test_resume_note_says_what_another_number_of_processes_changes():
+    cfg = CrosscoderConfig(n_sources=2, d_model=16, dict_size=64, activation="batchtopk", k=4)
+    source = TensorSource(torch.randn(256, 2, 16))
+    dp = DataParallel(0, 4, 0, torch.device("cpu"), timeout=None)
+
+    def note(scope: str) -> str:
+        tc = TrainConfig(batch_size=128, progress=False, batchtopk_scope=scope, screen="off")
+        trainer = Trainer(Crosscoder(cfg), source, tc, run_dir="run", dp=dp)
+        trainer.step = 30
+        return trainer._resume_note({"mode": "data", "world_size": 2})
+
+    assert note("global") == (
+        "resuming run at step 30 on 4 data-parallel processes instead of 2 data-parallel "
+        "processes: each now reads 32 of the 128 rows of every global batch (the same "
+        "batches as before); the result is the same up to floating-point rounding")
+    assert note("local").endswith(
+        "BatchTopK now selects 4 x 32 entries per process instead of 4 x 64: training "
+        "continues differently than it would have")

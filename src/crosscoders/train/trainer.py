@@ -429,15 +429,16 @@ class Trainer:
 
     def _resume_note(self, previous: dict) -> str:
         """One line on what resuming with another number of processes changes."""
-        B, old, new = self.config.batch_size, previous["world_size"], self.world_size
-        what = (f"resuming {self.run_dir} at step {self.step} on {new} data-parallel "
-                f"process(es) instead of {old}: each now reads {B // new} of the {B} rows of "
-                "every global batch (the same batches as before)")
+        B, old, new = self.config.batch_size, _setup(previous), _setup(self.distributed)
+        what = (f"resuming {self.run_dir} at step {self.step} on {_processes(new)} instead "
+                f"of {_processes(old)}: each now reads {B // new['world_size']} of the {B} "
+                "rows of every global batch (the same batches as before)")
         if isinstance(self.model.activation, BatchTopK) and self.config.batchtopk_scope == "local":
             k = self.model.config.k
             return (f"{what}; batchtopk_scope is local, so BatchTopK now selects {k} x "
-                    f"{B // new} entries per process instead of {k} x {max(1, B // old)}: "
-                    "training continues differently than it would have")
+                    f"{B // new['world_size']} entries per process instead of {k} x "
+                    f"{max(1, B // old['world_size'])}: training continues differently than "
+                    "it would have")
         return f"{what}; the result is the same up to floating-point rounding"
 
     def _checkpoint_state(self) -> dict:
@@ -615,6 +616,14 @@ def _setup(distributed: dict) -> dict:
     """The part of a ``distributed`` record that says how a run trains."""
     return {"mode": distributed.get("mode", "none"),
             "world_size": int(distributed.get("world_size", 1))}
+
+
+def _processes(setup: dict) -> str:
+    """``1 process`` or ``4 data-parallel processes``."""
+    n = setup["world_size"]
+    if setup["mode"] == "none":
+        return "1 process"
+    return f"{n} data-parallel process{'es' if n > 1 else ''}"
 
 
 def _data_label(data: dict) -> str:
