@@ -47,6 +47,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device")
     p.add_argument("--source-names", nargs="+", help="e.g. base chat")
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--parallel", choices=["data", "none"],
+                   help="under torchrun: data (the default there) trains one crosscoder on "
+                        "every process's slice of each batch; see docs/scaling.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_train)
 
@@ -76,7 +79,7 @@ def _run_train(args) -> int:
             sections[key].update(section)
     train_flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                    "l1_coeff": args.l1_coeff, "seed": args.seed, "device": args.device,
-                   "checkpoint_every": args.checkpoint_every}
+                   "checkpoint_every": args.checkpoint_every, "parallel": args.parallel}
     sections["train"].update({k: v for k, v in train_flags.items() if v is not None})
     if args.no_progress:
         sections["train"]["progress"] = False
@@ -95,7 +98,8 @@ def _run_train(args) -> int:
         cc_dict["source_names"] = store_names  # e.g. base/resid_out:12, chat/resid_out:12
     model = train(CrosscoderConfig.from_dict(cc_dict, _path="crosscoder"), source, tc,
                   run_dir=args.out)
-    print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 saved it
+        print(f"saved crosscoder ({model.dict_size} latents) to {args.out}")
     return 0
 
 
@@ -201,6 +205,8 @@ def _run_pipeline(args) -> int:
         config = config.replace(out=args.out)
     check_dir_path(config.out, "--out" if args.out else f"{args.config}: out:")
     result = run_pipeline(config, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 ran every stage
+        return 0
     print(format_summary(result, result.token_strings()))
     return 0
 

@@ -8,6 +8,7 @@ run continues on exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -26,8 +27,13 @@ class ActivationSource(Protocol):
     n_sources: int
     d_model: int
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
-        """Endless shuffled float batches [B, S, D]; batch number ``start`` first."""
+    def batches(self, batch_size: int, seed: int, start: int = 0,
+                shard: tuple[int, int] | None = None) -> Iterator[Tensor]:
+        """Endless shuffled float batches [B, S, D]; batch number ``start`` first.
+
+        ``shard=(rank, world)``: only rows ``[rank * B / world, (rank + 1) * B / world)`` of
+        every batch (see :func:`shard_rows`); a source that can reads no other rows.
+        """
 
     def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
         """The held-out split, in order (finite, maybe empty)."""
@@ -55,6 +61,45 @@ def check_activations(x: Tensor | np.ndarray, what: str = "activations") -> None
     if "float" not in dtype and "bfloat" not in dtype:
         raise DataError(f"{what} must be floating point, got dtype {dtype}; convert them "
                         "first (x.float() for a tensor, arr.astype('float32') for an array)")
+
+
+def shard_rows(batch_size: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a batch that rank ``shard[0]`` of ``shard[1]`` trains on.
+
+    The global batch is the same rows a single process reads; rank r takes the r-th of
+    ``world`` equal consecutive slices of it.
+    """
+    if shard is None:
+        return 0, batch_size
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    if batch_size % world:
+        raise DataError(
+            f"a batch of {batch_size} rows cannot be split evenly over {world} data-parallel "
+            f"processes; use a batch size divisible by {world} (e.g. "
+            f"{max(world, batch_size // world * world)}) or another number of processes"
+        )
+    part = batch_size // world
+    return rank * part, (rank + 1) * part
+
+
+def sharded_batches(source: ActivationSource, batch_size: int, seed: int, start: int = 0,
+                    shard: tuple[int, int] | None = None) -> Iterator[Tensor]:
+    """``source.batches`` for one rank: the source's own sharded reads where it has them
+    (a ``shard`` parameter), else its whole batches cut down to the rank's rows."""
+    if shard is None or shard[1] == 1:
+        return source.batches(batch_size, seed, start=start)
+    shard_rows(batch_size, shard)  # refuse an uneven split before reading anything
+    if "shard" in inspect.signature(source.batches).parameters:
+        return source.batches(batch_size, seed, start=start, shard=shard)
+    return _cut(source.batches(batch_size, seed, start=start), shard)
+
+
+def _cut(batches: Iterator[Tensor], shard: tuple[int, int]) -> Iterator[Tensor]:
+    for batch in batches:
+        lo, hi = shard_rows(batch.shape[0], shard)
+        yield batch[lo:hi]
 
 
 _CHECK_BYTES = 64 << 20  # rows checked together by the finiteness pass
@@ -172,7 +217,9 @@ class TensorSource:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return self.train_idx[torch.randperm(self.n_train, generator=gen)]
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, seed: int, start: int = 0,
+                shard: tuple[int, int] | None = None) -> Iterator[Tensor]:
+        lo, hi = shard_rows(batch_size, shard)
         n = self.n_train
         pos = start * batch_size
         epoch, offset = divmod(pos, n)
@@ -187,7 +234,7 @@ class TensorSource:
                 if offset >= n:
                     epoch, offset = epoch + 1, 0
                     perm = self._epoch_perm(seed, epoch)
-            yield self._rows(torch.cat(parts))
+            yield self._rows(torch.cat(parts)[lo:hi])  # only this rank's rows are read
 
     def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
         for i in range(0, len(self.eval_idx), batch_size):
@@ -240,7 +287,12 @@ class IterableSource:
             _check_batch_finite(batch, "batches")
             yield batch.float()
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[Tensor]:
+    def batches(self, batch_size: int, seed: int, start: int = 0,
+                shard: tuple[int, int] | None = None) -> Iterator[Tensor]:
+        """The iterable's batches (each cut to the rank's rows with ``shard``)."""
+        if shard is not None:
+            yield from _cut(self.batches(batch_size, seed, start), shard)
+            return
         while True:
             produced = False
             for batch in itertools.islice(self._iter(), self.n_eval_batches + start, None):

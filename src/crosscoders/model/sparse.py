@@ -190,6 +190,22 @@ def batch_topk(scores_BF: Tensor, n_keep: int, hint: float | None = None) -> tup
     return cand_flat // F_, cand_flat % F_
 
 
+def entries_at_least(scores_BF: Tensor, cut: float) -> tuple[Tensor, Tensor]:
+    """(token_idx, latent_idx) of every entry ``>= cut`` (> 0), sorted by flat position."""
+    B, F_ = scores_BF.shape
+    flat = scores_BF.reshape(-1)
+    cut_t = torch.clamp_min(torch.tensor(cut, dtype=flat.dtype, device=flat.device),
+                            torch.finfo(flat.dtype).tiny)
+    if F_ % BLOCK != 0:
+        idx = torch.nonzero(flat >= cut_t).squeeze(1)
+        return idx // F_, idx % F_
+    blocks = flat.view(-1, BLOCK)
+    block_ids = torch.nonzero(blocks.amax(dim=1) >= cut_t).squeeze(1)
+    row, col = torch.nonzero(blocks.index_select(0, block_ids) >= cut_t, as_tuple=True)
+    idx = block_ids[row] * BLOCK + col
+    return idx // F_, idx % F_
+
+
 def _plain_batch_topk(flat: Tensor, n_keep: int, F_: int) -> tuple[Tensor, Tensor]:
     n_keep = min(n_keep, flat.numel())
     vals, idx = torch.topk(flat, n_keep, sorted=False)
@@ -280,29 +296,35 @@ class _SparseDecode(torch.autograd.Function):
 
 
 class _SquaredError(torch.autograd.Function):
-    """sum ||xhat - x||^2 / B, keeping the difference for the backward (in a buffer)."""
+    """sum ||xhat - x||^2 / n, keeping the difference for the backward (in a buffer)."""
 
     @staticmethod
-    def forward(ctx, x_BX, xhat_BX, workspace):  # noqa: D102
+    def forward(ctx, x_BX, xhat_BX, workspace, n_tokens):  # noqa: D102
         diff_BX = _workspace_buffer(workspace, "diff", tuple(x_BX.shape), x_BX)
         torch.sub(xhat_BX, x_BX, out=diff_BX)
         ctx.diff_BX = diff_BX
+        ctx.n_tokens = n_tokens
         flat = diff_BX.view(-1)
-        return torch.dot(flat, flat) / x_BX.shape[0]
+        return torch.dot(flat, flat) / n_tokens
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
         diff_BX = ctx.diff_BX
         del ctx.diff_BX  # the buffer becomes the gradient: a second backward must fail
-        grad_xhat = diff_BX.mul_(grad * (2.0 / diff_BX.shape[0]))
+        grad_xhat = diff_BX.mul_(grad * (2.0 / ctx.n_tokens))
         grad_x = -grad_xhat if ctx.needs_input_grad[0] else None
-        return grad_x, grad_xhat, None
+        return grad_x, grad_xhat, None, None
 
 
-def squared_error(x_BX: Tensor, xhat_BX: Tensor, workspace: dict | None = None) -> Tensor:
-    """``((x - xhat) ** 2).sum(-1).mean()`` with one [B, X] temporary, reused via workspace."""
-    return _SquaredError.apply(x_BX, xhat_BX, workspace)
+def squared_error(x_BX: Tensor, xhat_BX: Tensor, workspace: dict | None = None,
+                  n_tokens: int | None = None) -> Tensor:
+    """``((x - xhat) ** 2).sum(-1).mean()`` with one [B, X] temporary, reused via workspace.
+
+    ``n_tokens``: divide by this instead of B (a data-parallel rank's share of the mean
+    over the global batch).
+    """
+    return _SquaredError.apply(x_BX, xhat_BX, workspace, n_tokens or x_BX.shape[0])
 
 
 def sampled_dot(a_BX: Tensor, b_FX: Tensor, codes: SparseCodes) -> Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 
 from crosscoders.errors import ConfigError, CrosscodersError
 from crosscoders.pipeline.config import PipelineConfig
+from crosscoders.pipeline.distributed import Coordinator, coordinator_for
 from crosscoders.pipeline.stages import (
     STAGE_DIR,
     StageOutcome,
@@ -64,7 +65,24 @@ class PipelineResult:
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> PipelineResult:
-    """Run organism (optional) -> harvest -> train -> diff -> report into ``config.out``."""
+    """Run organism (optional) -> harvest -> train -> diff -> report into ``config.out``.
+
+    Under torchrun (``train.parallel`` auto or data) rank 0 runs every stage and all ranks
+    train together; the other ranks return an empty result once training is done.
+    """
+    coordinator = coordinator_for(config.train)
+    try:
+        if coordinator is not None and not coordinator.is_main:
+            coordinator.follow()
+            return PipelineResult(Path(config.out).expanduser())
+        return _run_stages(config, progress, log, coordinator)
+    finally:
+        if coordinator is not None:
+            coordinator.close()
+
+
+def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordinator | None
+                ) -> PipelineResult:
     out = Path(config.out).expanduser()
     claim_out(out)
     if config.harvest.store is None:
@@ -109,11 +127,20 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
     names = [s.get("name") for s in store.sources] or None
     cc_config = config.crosscoder_config(store.n_sources, store.d_model, names)
     train_cfg = config.train.replace(progress=progress and config.train.progress)
+
+    def train_work(directory: Path):
+        if coordinator is not None:  # the other ranks join in
+            coordinator.announce_train(store.root, cc_config.to_dict(), train_cfg.to_dict(),
+                                       directory)
+        return _train(cc_config, store, train_cfg, directory)
+
     stage = run_stage(
         "train", result.run_dir,
-        {"crosscoder": cc_config.to_dict(), "train": config.train.to_dict()}, [stage.hash],
-        lambda d: _train(cc_config, store, train_cfg, d), log,
+        {"crosscoder": cc_config.to_dict(), "train": train_identity(config.train)},
+        [stage.hash], train_work, log,
     )
+    if coordinator is not None and stage.status == "skipped":
+        coordinator.announce_skip()
     result.stages["train"] = stage
 
     if len(harvest_cfg.models) == 1:  # one model, several layers: layer profiles
@@ -135,6 +162,21 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
                       load=lambda d: d / "report.html")
     result.stages["report"] = stage
     return result
+
+
+def train_identity(train_config) -> dict[str, Any]:
+    """The train settings that decide the train stage's hash.
+
+    How the work is spread over processes does not change the crosscoder (up to rounding),
+    so ``parallel`` and ``dist_timeout_minutes`` are left out, and ``batchtopk_scope`` when
+    at its default: a config gains the keys without its finished stage being redone.
+    """
+    identity = train_config.to_dict()
+    identity.pop("parallel", None)
+    identity.pop("dist_timeout_minutes", None)
+    if identity.get("batchtopk_scope") == "global":
+        identity.pop("batchtopk_scope")
+    return identity
 
 
 def claim_out(out: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from crosscoders.data import find_nonfinite
+from crosscoders.data import find_nonfinite, shard_rows
 from crosscoders.errors import DataError
 from crosscoders.store import format as fmt
 from crosscoders.store.shuffle import ShufflePlan, Window
@@ -176,6 +176,8 @@ class ActivationStore:
             return
         with self._verify_lock:
             jobs = [(k, s) for k in sorted(todo - self._verified) for s in range(self.n_sources)]
+            if not jobs:  # another reader (a second iterator's thread) hashed them meanwhile
+                return
 
             def check(job: tuple[int, int]) -> None:
                 shard = self.shards[job[0]]
@@ -430,37 +432,76 @@ class ActivationStore:
             fmt.to_float32_numpy(data[s][index], self.dtype, out=out[:, s])
         return torch.from_numpy(out)
 
-    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[torch.Tensor]:
+    def _load_rows(self, window: Window, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted indices into the window) as [S, n, D] (stored dtype).
+
+        A data-parallel rank reads only its own rows of a window, never the others'.
+        """
+        self._check_reads(k for a, b in window.ranges for k in self._shards_of(a, b))
+        starts = np.array([a for a, _ in window.ranges], dtype=np.int64)
+        lengths = np.array([b - a for a, b in window.ranges], dtype=np.int64)
+        firsts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        which = np.searchsorted(firsts, rows, side="right") - 1
+        store_rows = starts[which] + rows - firsts[which]  # ascending, as ranges are
+        buf = np.empty((self.n_sources, rows.size, self.d_model), fmt.storage_dtype(self.dtype))
+        shard_of = np.searchsorted(self._offsets, store_rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            sel = np.nonzero(shard_of == shard)[0]
+            local = store_rows[sel] - self._offsets[shard]
+            for s in range(self.n_sources):
+                buf[s, sel] = self._shard_acts(int(shard), s)[local]
+        return buf
+
+    def _window_part(self, window: Window, offset: int, batch_size: int,
+                     shard: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The window's rows this rank trains on from ``offset``: (data [S, n, D], the
+        indices into it in the order they are emitted)."""
+        if shard is None or shard[1] == 1:
+            return self._load_window(window), window.order[offset:]
+        rank, world = shard
+        positions = np.arange(offset, window.n_rows, dtype=np.int64)
+        stream = window.epoch * self.n_train + window.start + positions
+        mine = (stream % batch_size) // (batch_size // world) == rank
+        rows = window.order[positions[mine]]
+        sorted_rows = np.sort(rows)
+        return self._load_rows(window, sorted_rows), np.searchsorted(sorted_rows, rows)
+
+    def batches(self, batch_size: int, seed: int, start: int = 0,
+                shard: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
         """Endless shuffled float32 batches [B, S, D] of the training split.
 
         Epochs repeat with a new shuffle; ``start=n`` yields batch ``n`` first and reads
         only the window that holds it. The next window is read in a background thread.
+        ``shard=(rank, world)`` yields rows ``[rank * B / world, (rank + 1) * B / world)``
+        of each batch and reads only those rows of every window.
         """
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
+        lo, hi = shard_rows(batch_size, shard)
+        part = hi - lo
         plan = ShufflePlan(self.n_train, self.chunk_rows, self.window_rows, seed)
         windows = plan.windows_from(start * batch_size)
         pool = ThreadPoolExecutor(max_workers=1)
         try:
             window, offset = next(windows)
-            pending = pool.submit(self._load_window, window)
+            pending = pool.submit(self._window_part, window, offset, batch_size, shard)
             pieces: list[torch.Tensor] = []
             have = 0
             while True:
-                data = pending.result()
-                order = window.order
+                data, order = pending.result()
                 next_window, next_offset = next(windows)
-                pending = pool.submit(self._load_window, next_window)
+                pending = pool.submit(self._window_part, next_window, next_offset,
+                                      batch_size, shard)
+                offset = 0
                 while offset < order.size:
-                    take = min(batch_size - have, order.size - offset)
+                    take = min(part - have, order.size - offset)
                     pieces.append(self._gather_window(data, order[offset : offset + take]))
                     offset += take
                     have += take
-                    if have == batch_size:
+                    if have == part:
                         yield pieces[0] if len(pieces) == 1 else torch.cat(pieces)
                         pieces, have = [], 0
                 del data
-                window, offset = next_window, next_offset
         finally:
             try:
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -57,6 +57,14 @@ class TrainConfig(Config):
     #: batches read ahead on a background thread and copied to the device while the
     #: previous step computes; None: 2 on CUDA, 0 (read inline) on CPU
     prefetch: int | None = None
+    #: how the processes torchrun starts share the work (docs/scaling.md): data (each
+    #: trains on its slice of every batch), none (one process); auto: data under torchrun
+    parallel: Literal["auto", "none", "data"] = "auto"
+    #: BatchTopK under data parallelism: global selects the k * B largest entries of the
+    #: global batch (as one process would), local the k * B / N of each process's rows
+    batchtopk_scope: Literal["global", "local"] = "global"
+    #: how long a data-parallel process waits for the others before it stops with an error
+    dist_timeout_minutes: float = 10.0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
@@ -78,7 +86,10 @@ class TrainConfig(Config):
                               f"{self.prefetch}")
         if self.k_start is not None and self.k_start < 1:
             raise ConfigError(f"k_start must be >= 1, got {self.k_start}")
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError(f"dist_timeout_minutes must be > 0, got "
+                              f"{self.dist_timeout_minutes}")
 
     #: fields that may differ when resuming a run (they do not change the result)
     RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "progress", "device",
-                         "prefetch")
+                         "prefetch", "parallel", "dist_timeout_minutes")

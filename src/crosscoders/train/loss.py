@@ -8,6 +8,13 @@ AuxK (OpenAI's TopK recipe): the ``auxk_k`` dead latents with the largest weight
 pre-activations reconstruct the residual ``e = x - xhat``; the loss is the normalised
 MSE ``sum ||e - ehat||^2 / sum ||e - mean(e)||^2``, which revives dead latents.
 Both paths take ``x`` already normalised, and return the same :class:`LossTerms`.
+
+Under data parallelism (``dp``, see :mod:`crosscoders.train.distributed`) ``x`` is this
+rank's slice of the global batch. Means over the batch become this rank's sums divided by
+the global batch size, AuxK's denominator and BatchTopK's cut are computed over the global
+batch, so the ranks' gradients sum to the single-process gradient. The returned terms are
+this rank's shares (sum them over the ranks for the global values); ``fired_F``, ``l0``
+and ``min_kept_score`` are this rank's own.
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ from crosscoders.model.screen import (
 )
 from crosscoders.model.sparse import (
     SparseCodes,
+    batch_topk,
+    entries_at_least,
     gather_preacts,
     sparse_decode,
     squared_error,
     topk_per_token,
 )
+from crosscoders.train.distributed import DataParallel, global_top
 
 
 @dataclass
@@ -61,22 +71,64 @@ def recon_loss(x_BSD: Tensor, xhat_BSD: Tensor) -> Tensor:
     return (x_BSD - xhat_BSD).pow(2).sum(dim=(1, 2)).mean()
 
 
-def _auxk_loss(resid_BX: Tensor, ehat_BX: Tensor) -> Tensor:
-    denom = (resid_BX - resid_BX.mean(0)).pow(2).sum()
+def _auxk_loss(resid_BX: Tensor, ehat_BX: Tensor, dp: DataParallel | None = None) -> Tensor:
+    """Normalised MSE of the residual's reconstruction; with ``dp`` this rank's share, its
+    denominator (the residual's variance about its mean) over the global batch."""
+    if dp is None or dp.world_size == 1:
+        denom = (resid_BX - resid_BX.mean(0)).pow(2).sum()
+    else:
+        with torch.no_grad():  # the residual is detached: the denominator is a constant
+            n = resid_BX.shape[0] * dp.world_size
+            mean_X = dp.all_reduce_(resid_BX.sum(0), what="the AuxK residual mean") / n
+            denom = dp.all_reduce_((resid_BX - mean_X).pow(2).sum(),
+                                   what="the AuxK residual variance")
     return (resid_BX - ehat_BX).pow(2).sum() / denom.clamp_min(1e-12)
 
 
-def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
+def global_batch_topk(scores_BF: Tensor, n_keep: int, hint: float | None,
+                      dp: DataParallel) -> tuple[Tensor, Tensor]:
+    """This rank's entries of the ``n_keep`` largest positive scores of all ranks' rows.
+
+    Every rank proposes candidates: its entries at or above ``hint`` (the last step's cut,
+    lowered) when all ranks' together number at least ``n_keep`` (then they hold the global
+    top), else its own top ``n_keep``. The ranks gather the candidates' values and keep the
+    ``n_keep`` largest (:func:`global_top`): the selection one process makes on the whole
+    batch (which of several entries tied at the cut are kept aside).
+    """
+    if hint is not None and hint > 0:
+        token_idx, latent_idx = entries_at_least(scores_BF, hint)
+        values_E = scores_BF[token_idx, latent_idx]
+        parts = dp.gather_values(values_E, "the global BatchTopK selection")
+        if sum(p.numel() for p in parts) >= n_keep:
+            keep = global_top(dp, values_E, n_keep, parts)
+            return token_idx[keep], latent_idx[keep]
+    token_idx, latent_idx = batch_topk(scores_BF, n_keep)
+    keep = global_top(dp, scores_BF[token_idx, latent_idx], n_keep)
+    return token_idx[keep], latent_idx[keep]
+
+
+def _is_global(act, dp: DataParallel | None, batchtopk_scope: str) -> bool:
+    return (isinstance(act, BatchTopK) and dp is not None and dp.world_size > 1
+            and batchtopk_scope == "global")
+
+
+def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs,
+               dp: DataParallel | None = None, batchtopk_scope: str = "global") -> LossTerms:
     """Reference path: dense [B, F] activations and plain autograd."""
     act = model.activation
     B, S, D = x_BSD.shape
+    world = dp.world_size if dp is not None else 1
     w_F = model.decoder_norm_weights()
     pre_BF = model.preactivations(x_BSD)
     min_kept = None
     if isinstance(act, (TopK, BatchTopK)):
         k = knobs.k or act.k
         scores_BF = torch.relu(pre_BF) * w_F
-        token_idx, latent_idx = act.select(scores_BF.detach(), k)
+        if _is_global(act, dp, batchtopk_scope):
+            token_idx, latent_idx = global_batch_topk(scores_BF.detach(), k * B * world,
+                                                      None, dp)
+        else:
+            token_idx, latent_idx = act.select(scores_BF.detach(), k)
         mask_BF = torch.zeros_like(pre_BF, dtype=torch.bool)
         mask_BF[token_idx, latent_idx] = True
         f_BF = torch.where(mask_BF, torch.relu(pre_BF), 0.0)
@@ -85,9 +137,10 @@ def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
     else:
         f_BF = act(pre_BF, w_F)
     xhat_BSD = model.decode(f_BF)
-    recon = recon_loss(x_BSD, xhat_BSD)
+    share = B / (B * world)  # batch means become this rank's share of the global mean
+    recon = recon_loss(x_BSD, xhat_BSD) * share
     w_penalty_F = model.sparsity_weights() if model.config.n_shared_latents else w_F
-    sparsity = act.sparsity_loss(f_BF, pre_BF, w_penalty_F)
+    sparsity = act.sparsity_loss(f_BF, pre_BF, w_penalty_F) * share
     auxk = pre_BF.new_zeros(())
     dead = knobs.dead_F
     if act.is_topk and knobs.auxk_coeff > 0 and dead is not None and bool(dead.any()):
@@ -99,7 +152,7 @@ def dense_loss(model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
         f_aux_BF = torch.where(mask_BF, torch.relu(pre_BF), 0.0)
         ehat_BX = f_aux_BF @ model.W_dec.reshape(model.dict_size, S * D)
         resid_BX = (x_BSD - xhat_BSD).detach().reshape(B, S * D)
-        auxk = _auxk_loss(resid_BX, ehat_BX)
+        auxk = _auxk_loss(resid_BX, ehat_BX, dp)
     total = recon + knobs.sparsity_coeff * sparsity + knobs.auxk_coeff * auxk
     active_BF = f_BF.detach() != 0
     return LossTerms(
@@ -117,9 +170,13 @@ class SparseStep:
     before the next step (``optimizer.zero_grad(set_to_none=True)``), as the trainer does.
     """
 
-    def __init__(self, screen: bool = False) -> None:
+    def __init__(self, screen: bool = False, dp: DataParallel | None = None,
+                 batchtopk_scope: str = "global") -> None:
         #: BatchTopK selection by a bf16 GEMM plus exact recomputation (model/screen.py)
         self.screen = screen
+        self.dp = dp
+        #: data-parallel BatchTopK: select over the global batch, or over each rank's rows
+        self.batchtopk_scope = batchtopk_scope
         self._buffers: dict[str, Tensor] = {}  # [B, F] scores, scaled encoder
         self._grad_workspace: dict = {}  # weight-gradient buffers, see grouped_by_latent
         self._screen_workspace: dict = {}
@@ -147,8 +204,15 @@ class SparseStep:
         F_ = model.dict_size
         W_enc_FX = model.W_enc_FSD.detach().reshape(F_, X)
         b_enc_F = model.b_enc.detach()
+        is_global = _is_global(act, self.dp, self.batchtopk_scope)
         if self._uses_screen(model, x_BX):
-            if isinstance(act, BatchTopK):
+            if is_global:  # this rank's top k * B_global, cut down to the global top
+                n_keep = k * B * self.dp.world_size
+                found = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, n_keep, None,
+                                            self._screen_workspace)
+                keep = global_top(self.dp, found[3], n_keep)
+                found = tuple(t[keep] for t in found)
+            elif isinstance(act, BatchTopK):
                 found = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, k * B,
                                             knobs.threshold_hint, self._screen_workspace)
             else:
@@ -164,7 +228,10 @@ class SparseStep:
         scores_BF = self._buffer("scores", (B, F_), x_BX, dtype)
         with torch.autocast(x_BX.device.type, enabled=False):
             torch.addmm((b_enc_F * w_F).to(dtype), x_BX.to(dtype), W_scaled_FX.T, out=scores_BF)
-        if isinstance(act, BatchTopK):
+        if is_global:
+            token_idx, latent_idx = global_batch_topk(
+                scores_BF, k * B * self.dp.world_size, knobs.threshold_hint, self.dp)
+        elif isinstance(act, BatchTopK):
             token_idx, latent_idx = act.select(scores_BF, k, knobs.threshold_hint)
         else:
             token_idx, latent_idx = act.select(scores_BF, k)
@@ -185,7 +252,8 @@ class SparseStep:
         codes = codes.with_values(values_E)
         xhat_BX = sparse_decode(codes, model.W_dec, model.b_dec)
         xhat_BSD = xhat_BX.view(B, S, D)
-        recon = squared_error(x_BX, xhat_BX, self._grad_workspace)
+        world = self.dp.world_size if self.dp is not None else 1
+        recon = squared_error(x_BX, xhat_BX, self._grad_workspace, n_tokens=B * world)
         zero = x_BSD.new_zeros(())
         auxk = zero
         dead = knobs.dead_F
@@ -220,4 +288,4 @@ class SparseStep:
         codes = SparseCodes(token_idx, latent_idx, pre_E, B, model.dict_size)
         values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         ehat_BX = sparse_decode(codes.with_values(values_E), model.W_dec)
-        return _auxk_loss(x_BX - xhat_BX, ehat_BX)
+        return _auxk_loss(x_BX - xhat_BX, ehat_BX, self.dp)

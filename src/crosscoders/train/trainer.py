@@ -6,21 +6,32 @@ counters, RNG), ``metrics.jsonl`` and, at the end, the crosscoder itself (``conf
 + ``model.safetensors``, normalisation folded in). Every file is written atomically, so a
 run killed at any moment resumes from its last checkpoint and finishes with the same
 weights as an uninterrupted run. ``run.json`` records a fingerprint of the data, so a run
-is never continued (or a finished one returned) on other data.
+is never continued (or a finished one returned) on other data, and how it was trained
+(``"distributed": {"mode": "data", "world_size": N}`` under torchrun, see
+:mod:`crosscoders.train.distributed`); in a data-parallel run rank 0 writes every file.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crosscoders.data import ActivationSource, as_source, find_nonfinite
+from crosscoders.data import (
+    ActivationSource,
+    as_source,
+    find_nonfinite,
+    shard_rows,
+    sharded_batches,
+)
 from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
 from crosscoders.io import atomic_write, atomic_write_text, read_json
 from crosscoders.model import Crosscoder, CrosscoderConfig
@@ -28,6 +39,7 @@ from crosscoders.model.activations import BatchTopK
 from crosscoders.model.crosscoder import CONFIG_FILE, WEIGHTS_FILE
 from crosscoders.model.screen import bf16_screen_available
 from crosscoders.train.config import TrainConfig
+from crosscoders.train.distributed import DataParallel, GradientReducer, resolve_parallel
 from crosscoders.train.loss import LossTerms, SparseStep, StepKnobs, dense_loss
 from crosscoders.train.normalise import estimate_scale, scale_from_mean_squared_norm
 from crosscoders.train.prefetch import device_batches
@@ -48,9 +60,12 @@ def train(
     ``data``: a tensor [N, S, D], a ``.safetensors``/``.pt``/``.npy`` file holding one, an
     activation-store directory, or an iterable of [B, S, D] batches. With ``run_dir`` the
     run checkpoints there and calling ``train`` again with the same arguments resumes it.
-    A model passed in is copied, never modified.
+    A model passed in is copied, never modified. Under ``torchrun`` (``parallel`` auto or
+    data) every process calls this with the same arguments and trains its slice of each
+    batch; every process returns the same model.
     """
     train_config = train_config or TrainConfig()
+    mode = resolve_parallel(train_config.parallel)
     source = as_source(data, train_config.eval_tokens, train_config.batch_size)
     if isinstance(config_or_model, Crosscoder):
         model = copy.deepcopy(config_or_model)
@@ -60,13 +75,19 @@ def train(
         raise CrosscodersError(
             f"train() needs a CrosscoderConfig or a Crosscoder, got {type(config_or_model)}"
         )
-    return Trainer(model, source, train_config, run_dir).run()
+    if mode == "none":
+        return Trainer(model, source, train_config, run_dir).run()
+    dp = DataParallel.from_env(train_config.device, train_config.dist_timeout_minutes)
+    try:
+        return Trainer(model, source, train_config, run_dir, dp).run()
+    finally:
+        dp.close()
 
 
 class Trainer:
     def __init__(
         self, model: Crosscoder, source: ActivationSource, config: TrainConfig,
-        run_dir: str | Path | None = None,
+        run_dir: str | Path | None = None, dp: DataParallel | None = None,
     ):
         cc = model.config
         if (source.n_sources, source.d_model) != (cc.n_sources, cc.d_model):
@@ -78,7 +99,15 @@ class Trainer:
         self.config = config
         self.source = source
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.device = _resolve_device(config.device)
+        #: data parallelism: this process's rank and the collectives (None: one process)
+        self.dp = dp if dp is not None and dp.world_size > 1 else None
+        self.distributed = dp.describe() if dp is not None else {"mode": "none",
+                                                                  "world_size": 1}
+        self.world_size = dp.world_size if dp is not None else 1
+        self.is_main = dp is None or dp.is_main
+        if self.dp is not None:
+            shard_rows(config.batch_size, self.dp.shard)  # an uneven split fails here
+        self.device = dp.device if dp is not None else _resolve_device(config.device)
         self.model = model.to(self.device)
         self.scale_S: Tensor | None = None
         if model.is_folded:  # a saved model: train in its normalised units, never fold twice
@@ -104,7 +133,10 @@ class Trainer:
         screen = {"on": True, "off": False}.get(config.screen)
         if screen is None:
             screen = bf16_screen_available(self.device)
-        self.sparse_step = SparseStep(screen=screen)
+        self.sparse_step = SparseStep(screen=screen, dp=self.dp,
+                                      batchtopk_scope=config.batchtopk_scope)
+        self.reducer = (GradientReducer(self.dp, list(self.model.parameters()))
+                        if self.dp is not None else None)
 
     # ----------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
@@ -135,21 +167,27 @@ class Trainer:
         resumed = self._open_run_dir()
         if not resumed:
             self._init_from_data()
+        if self.dp is not None:  # every rank starts from rank 0's weights, bit for bit
+            self.dp.broadcast_([*self.model.state_dict().values(), self.scale_S])
         start_step = self.step if resumed else -1
         c = self.config
         depth = c.prefetch if c.prefetch is not None else (2 if self.device.type == "cuda" else 0)
-        batches = device_batches(self.source.batches(c.batch_size, c.seed, start=self.step),
-                                 self.device, depth)
+        shard = self.dp.shard if self.dp is not None else None
+        batches = device_batches(
+            sharded_batches(self.source, c.batch_size, c.seed, start=self.step, shard=shard),
+            self.device, depth)
         try:
             return self._loop(batches, start_step)
         finally:
             if hasattr(batches, "close"):
                 batches.close()
+            if self.reducer is not None:
+                self.reducer.remove()
 
     def _loop(self, batches, start_step: int) -> Crosscoder:
         c = self.config
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, unit="step",
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and self.is_main),
+                   unit="step", desc="train", dynamic_ncols=True)
         self.model.train()
         while self.step < c.steps:
             x_BSD = next(batches)
@@ -177,28 +215,49 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         use_sparse = self.is_topk and self.config.sparse_kernels
         with self._autocast():
-            terms = (self.sparse_step if use_sparse else dense_loss)(self.model, x_BSD, knobs)
-        if not torch.isfinite(terms.total):
-            raise self._diverged(x_BSD, terms.total.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
+            if use_sparse:
+                terms = self.sparse_step(self.model, x_BSD, knobs)
+            else:
+                terms = dense_loss(self.model, x_BSD, knobs, self.dp, self.config.batchtopk_scope)
+        fired_F = terms.fired_F
+        if self.reducer is None:
+            if not torch.isfinite(terms.total):
+                raise self._diverged(x_BSD, terms.total.item())
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+        else:
+            # the loss is checked once summed over the ranks, so all of them stop together
+            self.optimizer.zero_grad(set_to_none=True)
+            self.reducer.arm()
+            terms.total.backward()
+            total, fired = self.reducer.finish([terms.total.detach().float().reshape(1),
+                                                terms.fired_F.float()])
+            if not bool(torch.isfinite(total).all()):
+                raise self._diverged(x_BSD, float(total))
+            fired_F = fired > 0  # fired on any rank: the same dead counters everywhere
         self.model.constrain_grads()
         if self.config.grad_clip:
             self._clip_gradients(self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.grad_scale = None
-        B = x_BSD.shape[0]
+        B = x_BSD.shape[0] * self.world_size
         self.tokens_since_fired_F += B
-        self.tokens_since_fired_F[terms.fired_F] = 0
+        self.tokens_since_fired_F[fired_F] = 0
         act = self.model.activation
-        if isinstance(act, BatchTopK) and terms.min_kept_score is not None:
+        min_kept = terms.min_kept_score
+        if isinstance(act, BatchTopK) and self.dp is not None:
+            kept = torch.tensor(math.inf if min_kept is None else min_kept,
+                                dtype=torch.float64, device=self.device)
+            kept = float(self.dp.all_reduce_(kept, "min", "the BatchTopK threshold"))
+            min_kept = None if math.isinf(kept) else kept
+        if isinstance(act, BatchTopK) and min_kept is not None:
             # the EMA window is at most 5% of the run, so short runs get a settled theta
-            act.update_threshold(terms.min_kept_score,
+            act.update_threshold(min_kept,
                                  min(act.threshold_beta, 1.0 - 20.0 / self.config.steps))
             # a hint just below the last cut keeps the candidate set small; one that turns
             # out too high costs a second selection pass, never a different result
             margin = 0.975 if self.sparse_step.screen else 0.97
-            self.threshold_hint = terms.min_kept_score * margin
+            self.threshold_hint = min_kept * margin
         return terms
 
     def _diverged(self, x_BSD: Tensor, loss: float) -> CrosscodersError:
@@ -206,7 +265,7 @@ class Trainer:
         ckpt = self.run_dir / CHECKPOINT_FILE if self.run_dir else None
         kept = (f"the last good checkpoint is kept in {ckpt}" if ckpt and ckpt.exists()
                 else "no checkpoint had been written yet")
-        count, rows, first = find_nonfinite(x_BSD)
+        count, rows, first = self._nonfinite_in_batch(x_BSD)
         if count:
             return DataError(
                 f"the data holds non-finite values: the batch of step {self.step} from "
@@ -217,8 +276,28 @@ class Trainer:
         return TrainingDiverged(
             f"loss became {loss} at step {self.step}; {kept}. Lower the learning rate (now "
             f"{self.lr:g}) or check the data for extreme values (largest |x| in this batch: "
-            f"{float(x_BSD.abs().max()):.3g})"
+            f"{self._largest_abs(x_BSD):.3g})"
         )
+
+    def _nonfinite_in_batch(self, x_BSD: Tensor) -> tuple[int, int, int]:
+        """NaN/inf in the (global) batch: count, rows holding one, first such row or -1."""
+        count, rows, first = find_nonfinite(x_BSD)
+        if self.dp is None:
+            return count, rows, first
+        lo, _ = shard_rows(x_BSD.shape[0] * self.world_size, self.dp.shard)
+        sums = torch.tensor([count, rows], dtype=torch.float64, device=self.device)
+        firsts = torch.tensor([lo + first if first >= 0 else math.inf], dtype=torch.float64,
+                              device=self.device)
+        self.dp.all_reduce_(sums, what="counting non-finite values")
+        self.dp.all_reduce_(firsts, "min", "counting non-finite values")
+        first = -1 if math.isinf(float(firsts)) else int(firsts)
+        return int(sums[0]), int(sums[1]), first
+
+    def _largest_abs(self, x_BSD: Tensor) -> float:
+        largest = x_BSD.abs().max().double().reshape(1)
+        if self.dp is not None:
+            self.dp.all_reduce_(largest, "max", "the largest value of the batch")
+        return float(largest)
 
     @torch.no_grad()
     def _clip_gradients(self, max_norm: float) -> None:
@@ -283,29 +362,85 @@ class Trainer:
         }
 
     def _open_run_dir(self) -> bool:
-        """Check or write run.json; load the checkpoint if there is one."""
+        """Check or write run.json; load the checkpoint if there is one.
+
+        Every rank checks the identity (the same files give the same verdict everywhere);
+        rank 0 alone writes, and the others read the checkpoint once it has.
+        """
+        if self.dp is not None:
+            self._check_ranks_agree()
         if self.run_dir is None:
             return False
         run_file = self.run_dir / RUN_FILE
         identity = self._run_identity()
+        saved = None
         if run_file.exists():
             saved = read_json(run_file, fix="it is not a run file this version can read; "
                                             "train into a new run directory")
             _check_same_run(saved, identity, self.run_dir)
-            unknown = set(identity["data"]) - set(saved.get("data", {}))
-            if unknown:  # written before these keys existed: record them from now on
-                saved["data"] = {**saved.get("data", {}),
-                                 **{k: identity["data"][k] for k in unknown}}
-                atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
-        else:
+        if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_file, json.dumps(identity, indent=2) + "\n")
-        _remove_stale_temporaries(self.run_dir)
+            if saved is None:
+                saved = {**identity, "distributed": self.distributed}
+                atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
+            _remove_stale_temporaries(self.run_dir)
+        if self.dp is not None:
+            self.dp.barrier("waiting for rank 0 to open the run directory")
         ckpt = self.run_dir / CHECKPOINT_FILE
-        if not ckpt.exists():
-            return False
-        self._load_checkpoint(ckpt)
-        return True
+        previous = None
+        if ckpt.exists():
+            previous = self._load_checkpoint(ckpt)
+        if self.is_main:
+            self._update_run_file(run_file, saved, identity, previous)
+        return ckpt.exists()
+
+    def _check_ranks_agree(self) -> None:
+        """Refuse to start when the processes were given other settings or other data."""
+        text = json.dumps({**self._run_identity(), "steps": self.config.steps}, sort_keys=True,
+                          default=str)
+        digests = self.dp.gather_objects(hashlib.sha256(text.encode()).hexdigest())
+        other = next((r for r, d in enumerate(digests) if d != digests[0]), None)
+        if other is not None:
+            raise CrosscodersError(
+                f"data-parallel rank {other} was started with other settings or data than "
+                "rank 0; start every process with the same command (torchrun does) and the "
+                "same data"
+            )
+
+    def _update_run_file(self, run_file: Path, saved: dict, identity: dict,
+                         previous: dict | None) -> None:
+        """Record new data keys and how this run is distributed; say what a change means."""
+        changed = False
+        unknown = set(identity["data"]) - set(saved.get("data", {}))
+        if unknown:  # written before these keys existed: record them from now on
+            saved["data"] = {**saved.get("data", {}),
+                             **{k: identity["data"][k] for k in unknown}}
+            changed = True
+        recorded = saved.get("distributed") or {"mode": "none", "world_size": 1}
+        previous = previous or recorded
+        now = self.distributed
+        if _setup(recorded) != _setup(now):
+            history = recorded.get("history") or [{"step": 0, **_setup(recorded)}]
+            saved["distributed"] = {**now, "history": history + [{"step": self.step, **now}]}
+            changed = True
+        if changed:
+            atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
+        if _setup(previous) != _setup(now):
+            print(self._resume_note(previous), file=sys.stderr)
+
+    def _resume_note(self, previous: dict) -> str:
+        """One line on what resuming with another number of processes changes."""
+        B, old, new = self.config.batch_size, _setup(previous), _setup(self.distributed)
+        what = (f"resuming {self.run_dir} at step {self.step} on {_processes(new)} instead "
+                f"of {_processes(old)}: each now reads {B // new['world_size']} of the {B} "
+                "rows of every global batch (the same batches as before)")
+        if isinstance(self.model.activation, BatchTopK) and self.config.batchtopk_scope == "local":
+            k = self.model.config.k
+            return (f"{what}; batchtopk_scope is local, so BatchTopK now selects {k} x "
+                    f"{B // new['world_size']} entries per process instead of {k} x "
+                    f"{max(1, B // old['world_size'])}: training continues differently than "
+                    "it would have")
+        return f"{what}; the result is the same up to floating-point rounding"
 
     def _checkpoint_state(self) -> dict:
         return {
@@ -316,15 +451,20 @@ class Trainer:
             "tokens_since_fired_F": self.tokens_since_fired_F,
             "threshold_hint": self.threshold_hint,
             "torch_rng": torch.get_rng_state(),
+            "distributed": self.distributed,
         }
 
     def _save_checkpoint(self) -> None:
         if self.run_dir is None:
             return
-        state = self._checkpoint_state()
-        atomic_write(self.run_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        if self.is_main:
+            state = self._checkpoint_state()
+            atomic_write(self.run_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+        if self.dp is not None:
+            self.dp.barrier("waiting for rank 0 to write the checkpoint")
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path) -> dict:
+        """Restore the state; returns how the run that wrote it was distributed."""
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as err:  # a checkpoint is only ever replaced atomically
@@ -338,17 +478,35 @@ class Trainer:
         self.tokens_since_fired_F = state["tokens_since_fired_F"].to(self.device)
         self.threshold_hint = state["threshold_hint"]
         torch.set_rng_state(state["torch_rng"].cpu())
-        self._truncate_metrics(self.step)
+        if self.is_main:
+            self._truncate_metrics(self.step)
+        return state.get("distributed") or {"mode": "none", "world_size": 1}
 
     # ----------------------------------------------------------------- logging / eval
     def _log_record(self, x_BSD: Tensor, terms: LossTerms) -> dict:
         err_S = (x_BSD - terms.xhat_BSD).pow(2).sum(dim=(0, 2))
-        var_S = (x_BSD - x_BSD.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
+        values = [terms.total.item(), terms.recon.item(), terms.sparsity.item(),
+                  terms.auxk.item(), terms.l0]
+        if self.dp is None:
+            var_S = (x_BSD - x_BSD.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
+        else:  # the global batch's sums: one reduction of every statistic
+            S, D = x_BSD.shape[1:]
+            x64 = x_BSD.double()
+            packed = torch.cat([torch.tensor(values, dtype=torch.float64, device=self.device),
+                                err_S.double(), x64.pow(2).sum(dim=(0, 2)),
+                                x64.sum(0).reshape(-1)])
+            packed = self.dp.all_reduce_(packed, what="the logged metrics")
+            values = packed[:5].tolist()
+            values[4] /= self.world_size  # l0: the mean of the ranks' equal-sized slices
+            err_S, sumsq_S = packed[5: 5 + S], packed[5 + S: 5 + 2 * S]
+            sum_SD = packed[5 + 2 * S:].view(S, D)
+            n = x_BSD.shape[0] * self.world_size
+            var_S = (sumsq_S - sum_SD.pow(2).sum(-1) / n).clamp_min(1e-12)
         fvu = (err_S / var_S).tolist()
         record = {
-            "step": self.step, "split": "train", "loss": terms.total.item(),
-            "recon": terms.recon.item(), "sparsity": terms.sparsity.item(),
-            "auxk": terms.auxk.item(), "l0": terms.l0,
+            "step": self.step, "split": "train", "loss": values[0],
+            "recon": values[1], "sparsity": values[2],
+            "auxk": values[3], "l0": values[4],
             "dead_frac": float((self.tokens_since_fired_F >= self.dead_after).float().mean()),
             "lr": self.lr_at(self.step - 1),
         }
@@ -364,7 +522,10 @@ class Trainer:
         sum_x_SD = torch.zeros(S, self.model.d_model, dtype=torch.float64, device=self.device)
         n_tokens, n_active = 0, 0.0
         self.model.eval()
-        for x_BSD in self.source.eval_batches(self.config.batch_size):
+        batches = self.source.eval_batches(self.config.batch_size)
+        if self.dp is not None:  # encoding is per token at eval: each rank takes every N-th
+            batches = itertools.islice(batches, self.dp.rank, None, self.world_size)
+        for x_BSD in batches:
             x_BSD = x_BSD.to(self.device) * self.scale_S[:, None]
             f_BF = self.model.encode(x_BSD)
             xhat_BSD = self.model.decode(f_BF)
@@ -374,6 +535,13 @@ class Trainer:
             n_tokens += x_BSD.shape[0]
             n_active += float((f_BF != 0).sum())
         self.model.train()
+        if self.dp is not None:
+            packed = torch.cat([sums.reshape(-1), sum_x_SD.reshape(-1), torch.tensor(
+                [n_tokens, n_active], dtype=torch.float64, device=self.device)])
+            packed = self.dp.all_reduce_(packed, what="the evaluation")
+            sums = packed[: sums.numel()].view_as(sums)
+            sum_x_SD = packed[sums.numel(): -2].view_as(sum_x_SD)
+            n_tokens, n_active = int(packed[-2]), float(packed[-1])
         record = {"step": self.step, "split": "eval", "n_tokens": n_tokens}
         if n_tokens:
             total_var_S = sums[2] - sum_x_SD.pow(2).sum(-1) / n_tokens
@@ -385,7 +553,7 @@ class Trainer:
         return record
 
     def _append_metrics(self, record: dict) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.is_main:
             return
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -411,8 +579,10 @@ class Trainer:
         final.fold_normalisation(self.scale_S.cpu())
         final.metadata = {**final.metadata, "train": self.config.to_dict(),
                           "data": self.source.describe(), "steps_trained": self.step}
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.is_main:
             final.save(self.run_dir)
+        if self.dp is not None:
+            self.dp.barrier("waiting for rank 0 to save the crosscoder")
         return final
 
 
@@ -441,6 +611,20 @@ def _check_same_run(saved: dict, current: dict, run_dir: Path) -> None:
                     f"run has {new.get(key)!r}; use another run directory, or the original "
                     "settings to resume it"
                 )
+
+
+def _setup(distributed: dict) -> dict:
+    """The part of a ``distributed`` record that says how a run trains."""
+    return {"mode": distributed.get("mode", "none"),
+            "world_size": int(distributed.get("world_size", 1))}
+
+
+def _processes(setup: dict) -> str:
+    """``1 process`` or ``4 data-parallel processes``."""
+    n = setup["world_size"]
+    if setup["mode"] == "none":
+        return "1 process"
+    return f"{n} data-parallel process{'es' if n > 1 else ''}"
 
 
 def _data_label(data: dict) -> str:
