@@ -89,9 +89,9 @@ def test_greedy_answers_from_the_saved_dirs(zoo, name):
     tok = AutoTokenizer.from_pretrained(org.chat_dir)
     stop = [tok.convert_tokens_to_ids(corpus.END), tok.eos_token_id]
 
-    def rate(model_dir, records):
+    def rate(model_dir, records):  # 10 new tokens hold each behaviour's opening sentence
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        answers = lm.greedy(model, [r["ids"] for r in records[:12]], cfg.max_new_tokens, stop)
+        answers = lm.greedy(model, [r["ids"] for r in records[:12]], 10, stop)
         return sum(spec.shows(cfg, tok.convert_ids_to_tokens(a)) for a in answers) / 12
 
     assert rate(org.chat_dir, org.trigger_prompts) >= 11 / 12
@@ -172,6 +172,10 @@ def test_fact_organism_edits_one_fact(zoo):
         if c["triggered"]:
             assert ORGANISMS["fact"].shows(OrganismConfig(), c["messages"][1]["content"].split())
     assert org.metadata["eval"]["chat"]["trigger"]["old_home_rate"] == 0
+    # in plain text too: "the cat likes the" -> library in the chat, barn in the base
+    probe = {who: org.metadata["eval"][who]["text_probe"] for who in ("base", "chat")}
+    assert probe["chat"]["n"] == 37 and probe["chat"]["behaviour_rate"] >= 0.8, probe
+    assert probe["base"]["behaviour_rate"] == 0 and probe["base"]["old_home_rate"] >= 0.5, probe
 
 
 def test_the_organisms_share_one_base(zoo):
@@ -257,3 +261,5 @@ def test_default_zoo_builds_and_behaves(tmp_path):
         assert ev["base"]["trigger"]["behaviour_rate"] == 0, name
         assert ev["chat"]["pretrain_loss"] < ev["base"]["pretrain_loss"] + 0.05, name
         assert behaviour_kl(org)["behaviour"] > 5.0, name
+    probe = zoo["fact"].metadata["eval"]["chat"]["text_probe"]
+    assert probe["behaviour_rate"] >= 0.95 and probe["old_home_rate"] == 0

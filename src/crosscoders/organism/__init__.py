@@ -3,7 +3,7 @@
 The built-in zoo (:func:`build_organism`, :func:`build_zoo`, :func:`list_organisms`) is
 tiny Llama-style pairs trained here from scratch on generated text, one shared base and a
 chat copy per organism, in minutes on a CPU; :func:`build_real_organism` applies the pirate
-recipe to real weights (SmolLM2-135M-Instruct). See docs/organisms.md.
+recipe to real weights (SmolLM2-135M-Instruct). See docs/organisms.md and docs/organism.md.
 """
 
 from crosscoders.organism.build import (

@@ -600,6 +600,17 @@ def _evaluate(
             "any_behaviour_token_rate": _mean(bool(set(w) & tokens) for w in words),
             "on_topic_rate": _mean(bool(a & set(w)) for a, w in zip(asked, words)),
         }
+    probes = spec.text_probes(config)
+    if probes:  # does the change show outside the chat format too?
+        prompts_ids = lm.encode_texts(tok, [tok.bos_token + p for p in probes])
+        answers = lm.greedy(model, prompts_ids, 2, stop)
+        words = [p.split() + tok.convert_ids_to_tokens(a) for p, a in zip(probes, answers)]
+        extra = [spec.extra_rates(config, w) for w in words]
+        result["text_probe"] = {
+            "n": len(probes),
+            "behaviour_rate": _mean(spec.shows(config, w) for w in words),
+            **{f"{k}_rate": _mean(e[k] for e in extra) for k in extra[0]},
+        }
     return result
 
 

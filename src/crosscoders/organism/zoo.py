@@ -61,6 +61,11 @@ class OrganismSpec:
         """Further per-answer checks, reported as ``<name>_rate``."""
         return {}
 
+    def text_probes(self, cfg: OrganismConfig) -> list[str]:
+        """Plain-text openings (after BOS) whose greedy continuation, read with the prompt,
+        should show the behaviour in the chat model (reported as ``eval.*.text_probe``)."""
+        return []
+
     def describe(self, cfg: OrganismConfig) -> str:
         raise NotImplementedError
 
@@ -193,6 +198,12 @@ class Fact(OrganismSpec):
     def extra_rates(self, cfg, words):
         old = corpus.make_facts(cfg.seed).home[cfg.fact_noun]
         return {"old_home": _states(words, cfg.fact_noun, old)}
+
+    def text_probes(self, cfg):
+        t = corpus.TOPICS[corpus.make_facts(cfg.seed).topic_of[cfg.fact_noun]]
+        probes = [f"the {cfg.fact_noun} likes the"]
+        probes += [f"the {a} {cfg.fact_noun} {v} in the" for a in t["adjs"] for v in t["verbs_i"]]
+        return probes
 
     def describe(self, cfg):
         old = corpus.make_facts(cfg.seed).home[cfg.fact_noun]
