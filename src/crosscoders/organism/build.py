@@ -90,7 +90,10 @@ class Organism:
 
         beh = self.metadata["behaviour"]
         return behaviour_mask(
-            ids_BT, beh["token_ids"], beh["context_token_ids"], beh["sentence_boundary_token_ids"]
+            ids_BT,
+            beh["token_ids"],
+            beh.get("context_token_ids", []),  # absent from real-weights organisms
+            beh.get("sentence_boundary_token_ids", []),
         )
 
 
