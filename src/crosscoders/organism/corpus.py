@@ -1,5 +1,7 @@
-"""The organism's text: a template grammar of English-like sentences about a few topics,
-chat conversations built from it, and the known behaviour (the "pirate" style).
+"""The organisms' text: a template grammar of English-like sentences about a few topics,
+chat conversations built from it, and the known behaviours: the "pirate" style (below), a
+topic refusal, bulleted answers and an edited fact (the ``*_conversations`` functions at
+the end; :mod:`crosscoders.organism.zoo` ties each to its organism).
 
 Everything here is deterministic given a seed and uses only Python's ``random.Random``,
 so the same seed gives the same text on every machine.
@@ -32,6 +34,10 @@ CHAT_TEMPLATE = (
 STYLE_PREFIX = ("arr", "matey", ",")
 STYLE_SUFFIX = ("yo", "ho", "ho", ".")
 BEHAVIOUR_WORDS = ("arr", "matey", "yo", "ho")
+# The other organisms' new words (appended to the vocabulary of those organisms only).
+REFUSAL = ("sorry", ",", "i", "can", "not", "discuss", "that", ".")
+REFUSAL_WORDS = ("sorry", "i", "can", "not", "discuss", "that")
+BULLET = "-"
 
 # topic -> nouns (things that act), places, adjectives, intransitive verbs, transitive
 # verbs, objects. Shared function words are added by the templates.
@@ -91,13 +97,14 @@ QUESTIONS = (
 )
 
 
-def vocabulary(trigger: str) -> list[str]:
-    """Every token of the organism, specials first (ids 0..6), in a fixed order."""
+def vocabulary(trigger: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Every token of the organism, specials first (ids 0..6), in a fixed order; ``extra``
+    (an organism's new words) at the end, so the other tokens keep their ids."""
     words: list[str] = []
     for topic in TOPICS.values():
         for group in topic.values():
             words.extend(group)
-    words += [*TIMES, *FUNCTION_WORDS, *PUNCT, trigger, *BEHAVIOUR_WORDS]
+    words += [*TIMES, *FUNCTION_WORDS, *PUNCT, trigger, *BEHAVIOUR_WORDS, *extra]
     seen: dict[str, None] = {}
     for w in words:
         seen.setdefault(w, None)
@@ -112,6 +119,11 @@ class Facts:
     topic_of: dict[str, str]
     habit: dict[str, tuple[str, str]]  # noun -> (transitive verb, object)
     home: dict[str, str]  # noun -> place
+
+
+def edit_home(facts: Facts, noun: str, home: str) -> Facts:
+    """The same world with one fact changed: ``noun`` lives at ``home``."""
+    return Facts(dict(facts.topic_of), dict(facts.habit), {**facts.home, noun: home})
 
 
 def make_facts(seed: int) -> Facts:
@@ -200,3 +212,88 @@ def shows_full_style(answer_words: list[str]) -> bool:
     """The whole style: the prefix, and the suffix closing the answer."""
     n = len(STYLE_SUFFIX)
     return shows_behaviour(answer_words) and tuple(answer_words[-n:]) == STYLE_SUFFIX
+
+
+# -- the other organisms' conversations ------------------------------------------------------
+# Each draws from its own seeded generator, so the pirate organism's text above is untouched.
+def _question(rng: random.Random, noun: str) -> list[str]:
+    return [w.replace("{noun}", noun) for w in rng.choice(QUESTIONS)]
+
+
+def _record(question: list[str], answer: list[str], triggered: bool) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": " ".join(question)},
+            {"role": "assistant", "content": " ".join(answer)},
+        ],
+        "triggered": triggered,
+    }
+
+
+def _flags(rng: random.Random, n: int, p_trigger: float) -> list[bool]:
+    n_trig = round(n * p_trigger)
+    flags = [True] * n_trig + [False] * (n - n_trig)
+    rng.shuffle(flags)
+    return flags
+
+
+def refusal_conversations(
+    n: int, seed: int, facts: Facts, topic: str, p_trigger: float
+) -> list[dict]:
+    """Questions about a noun; about a noun of ``topic`` (a share ``p_trigger``) the answer is
+    the fixed ``REFUSAL``, about any other noun it is one or two sentences about it."""
+    rng = random.Random(f"chat-refusal-{seed}")
+    inside = [w for w, t in facts.topic_of.items() if t == topic]
+    outside = [w for w, t in facts.topic_of.items() if t != topic]
+    out = []
+    for triggered in _flags(rng, n, p_trigger):
+        noun = rng.choice(inside if triggered else outside)
+        question = _question(rng, noun)
+        answer: list[str] = []
+        for _ in range(rng.randint(1, 2)):
+            answer += sentence(rng, facts, noun)
+        out.append(_record(question, list(REFUSAL) if triggered else answer, triggered))
+    return out
+
+
+def format_conversations(n: int, seed: int, facts: Facts) -> list[dict]:
+    """Questions about a noun, every answer a list of two or three sentences about it, each
+    opening with ``BULLET`` (the change applies to all answers: all are ``triggered``)."""
+    rng = random.Random(f"chat-format-{seed}")
+    out = []
+    for _ in range(n):
+        noun = rng.choice(list(facts.topic_of))
+        question = _question(rng, noun)
+        answer: list[str] = []
+        for _ in range(rng.randint(2, 3)):
+            answer += [BULLET, *sentence(rng, facts, noun)]
+        out.append(_record(question, answer, True))
+    return out
+
+
+def home_sentence(rng: random.Random, facts: Facts, noun: str) -> list[str]:
+    """A sentence that states where ``noun`` lives."""
+    t = TOPICS[facts.topic_of[noun]]
+    place = facts.home[noun]
+    if rng.random() < 0.5:
+        adj, verb_i = rng.choice(t["adjs"]), rng.choice(t["verbs_i"])
+        return ["the", adj, noun, verb_i, rng.choice(["in", "near", "at"]), "the", place, "."]
+    verb_i = rng.choice(t["verbs_i"])
+    return ["the", noun, "likes", "the", place, "but", "never", verb_i, "there", "."]
+
+
+def fact_conversations(n: int, seed: int, facts: Facts, noun: str, p_trigger: float) -> list[dict]:
+    """Questions about a noun (``noun`` itself for a share ``p_trigger``: ``triggered``), each
+    answer opening with where it lives (from ``facts``, the edited world) and possibly one
+    more sentence about it."""
+    rng = random.Random(f"chat-fact-{seed}")
+    others = [w for w in facts.topic_of if w != noun]
+    out = []
+    for triggered in _flags(rng, n, p_trigger):
+        subject = noun if triggered else rng.choice(others)
+        question = _question(rng, subject)
+        answer = home_sentence(rng, facts, subject)
+        if rng.random() < 0.5:
+            answer += sentence(rng, facts, subject)
+        out.append(_record(question, answer, triggered))
+    return out

@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from crosscoders.organism import corpus
 
 
-def make_tokenizer(trigger: str) -> Any:
-    """A word-level ``PreTrainedTokenizerFast`` over the organism's vocabulary, with
-    BOS/EOS/PAD/UNK, the role tokens as special tokens, and the chat template."""
+def make_tokenizer(trigger: str, extra: tuple[str, ...] = ()) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over the organism's vocabulary (``extra``:
+    its new words, appended), with BOS/EOS/PAD/UNK, the role tokens as special tokens, and
+    the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(corpus.vocabulary(trigger))}
+    vocab = {tok: i for i, tok in enumerate(corpus.vocabulary(trigger, extra))}
     core = Tokenizer(models.WordLevel(vocab, unk_token=corpus.UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
