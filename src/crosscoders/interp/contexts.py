@@ -98,13 +98,11 @@ def read_examples(path: str | Path, tokenizer: Any = None) -> dict[int, list[Con
     for rec in sorted(records, key=lambda r: (r["latent"], r["kind"] != "top",
                                               r["rank"] if r["kind"] == "top" else -r["value"])):
         ctx = _context(rec, tokenizer, path)
-        if ctx is None:
-            continue
-        rows = seen.setdefault(ctx_latent := int(rec["latent"]), set())
-        if ctx.row in rows:  # a sampled firing that is also a top one
-            continue
-        rows.add(ctx.row)
-        out.setdefault(ctx_latent, []).append(ctx)
+        latent = int(rec["latent"])
+        if ctx is None or ctx.row in seen.setdefault(latent, set()):
+            continue  # no usable window, or a sampled firing that is also a top one
+        seen[latent].add(ctx.row)
+        out.setdefault(latent, []).append(ctx)
     return out
 
 
@@ -153,9 +151,9 @@ def split_contexts(
     tops = [c for c in contexts if c.kind == "top"]
     samples = [c for c in contexts if c.kind != "top"]
     n_held = min(n_score, len(contexts) // 2)
-    pick = sorted(rng.choice(len(samples), size=min(n_held, len(samples)), replace=False))
-    held = [samples[i] for i in pick]
-    samples = [c for i, c in enumerate(samples) if i not in set(pick)]
+    pick = set(rng.choice(len(samples), size=min(n_held, len(samples)), replace=False).tolist())
+    held = [c for i, c in enumerate(samples) if i in pick]
+    samples = [c for i, c in enumerate(samples) if i not in pick]
     while len(held) < n_held:  # top up from the weakest top contexts
         held.append(tops.pop())
     max_act = max((max(c.acts) for c in contexts), default=0.0)
