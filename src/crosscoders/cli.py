@@ -7,6 +7,7 @@
     crosscoders bench synthetic | diffing          ground-truth benchmarks
     crosscoders import SRC --out DIR     a crosscoder saved by another codebase
     crosscoders layers RUN --out DIR     layer profiles of a cross-layer crosscoder
+    crosscoders explain DIFF --latents chat_only   LLM explanations of latents, scored
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ def _add_stage_commands(sub) -> None:
     """harvest, diff and report: each module brings its own arguments."""
     from crosscoders.diff.cli import add_diff_arguments, diff_from_args
     from crosscoders.harvest.cli import add_harvest_arguments
+    from crosscoders.interp.cli import add_explain_arguments, explain_from_args
     from crosscoders.layers import add_layers_arguments, layers_from_args
     from crosscoders.report import add_report_arguments, report_from_args
 
@@ -266,6 +268,8 @@ def _add_stage_commands(sub) -> None:
         ("report", "the browsable HTML report", add_report_arguments, report_from_args),
         ("layers", "layer profiles of a cross-layer crosscoder (which layers each latent "
          "writes, how far it persists)", add_layers_arguments, layers_from_args),
+        ("explain", "LLM explanations of latents, scored by detection", add_explain_arguments,
+         explain_from_args),
     ):
         parser = sub.add_parser(name, help=help_text)
         add_arguments(parser)

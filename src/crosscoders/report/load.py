@@ -13,6 +13,7 @@ similarity.json             :func:`similarity_adapter` (matrices -> named entrie
 lens.json                   :func:`lens_adapter`
 top_tokens.json             :func:`top_tokens_adapter` ({latent: {model: [[tok, v]]}})
 act_hists.json              {latent: [edges, counts]}
+explanations.json           ``interp.results.merge_explanations`` (table columns)
 ==========================  =========================================================
 
 Run dir: ``metrics.jsonl`` (trainer records), ``run.json`` or ``config.json``.
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from crosscoders.errors import CrosscodersError
+from crosscoders.interp.results import merge_explanations
 from crosscoders.io import read_json, unreadable
 from crosscoders.report.data import Example, ReportData
 
@@ -59,7 +61,8 @@ def load_report_data(
             f"{diff_dir} is not a directory; pass the output directory of `crosscoders diff`"
         )
     summary = _read_json(diff_dir / "summary.json") or {}
-    data = ReportData(latents=read_latent_table(diff_dir), summary=summary)
+    latents = merge_explanations(read_latent_table(diff_dir), diff_dir)  # `explain`'s columns
+    data = ReportData(latents=latents, summary=summary)
 
     found = _first(diff_dir, EXAMPLE_FILES)
     if found is not None:

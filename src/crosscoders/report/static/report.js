@@ -889,9 +889,14 @@
         "truly chat-only") : null,
       h("button", { class: "close", type: "button", title: "close",
         onclick: () => browser.close() }, "×")));
+    if (TV.explanation && TV.explanation[row]) {
+      out.push(h("p", { class: "explanation" }, h("b", {}, "Explanation: "),
+        TV.explanation[row]));
+    }
     const stats = h("div", { class: "stats" });
     for (const col of COLS) {
-      if (col.name === "latent" || col.kind === "cat" || col.kind === "text") continue;
+      if (col.name === "latent" || col.kind === "cat" || col.kind === "text" ||
+        col.name === "explanation") continue;
       stats.append(h("div", { class: "stat" }, h("div", { class: "k" }, label(col.name)),
         h("div", { class: "v" }, fmt(TV[col.name][row], col.kind))));
     }
