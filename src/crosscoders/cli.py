@@ -6,6 +6,8 @@
     crosscoders harvest | train | diff | report    one stage at a time
     crosscoders bench synthetic | diffing          ground-truth benchmarks
     crosscoders import SRC --out DIR     a crosscoder saved by another codebase
+    crosscoders export RUN --format F --out DIR    ... and the other way round
+    crosscoders push RUN REPO_ID         upload to the Hugging Face Hub with a model card
     crosscoders layers RUN --out DIR     layer profiles of a cross-layer crosscoder
     crosscoders explain DIFF --latents chat_only   LLM explanations of latents, scored
 """
@@ -327,6 +329,24 @@ def _run_import(args) -> int:
     return 0
 
 
+def _add_format_commands(sub) -> None:
+    from crosscoders.formats.cli import (
+        add_export_arguments,
+        add_push_arguments,
+        export_from_args,
+        push_from_args,
+    )
+
+    push = sub.add_parser("push", help="upload a crosscoder (and its diff) to the Hugging Face "
+                                       "Hub with a model card")
+    add_push_arguments(push)
+    push.set_defaults(func=push_from_args)
+    export = sub.add_parser("export", help="write a crosscoder in another codebase's format "
+                                           "(dictionary_learning, crosscode)")
+    add_export_arguments(export)
+    export.set_defaults(func=export_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosscoders", description="Train crosscoders and use them to diff models."
@@ -339,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_stage_commands(sub)
     _add_import(sub)
+    _add_format_commands(sub)
     return parser
 
 

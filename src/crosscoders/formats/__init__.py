@@ -18,7 +18,8 @@ Supported (details and caveats in docs/formats.md):
 
 Every importer returns a :class:`~crosscoders.Crosscoder` that works on raw activations, with
 any normalisation folded in and recorded, and ``metadata["imported_from"]`` saying where it
-came from.
+came from. :func:`export_crosscoder` writes one back out in the ``dictionary_learning`` or
+``crosscode`` format (refusing what a format cannot express exactly).
 """
 
 from __future__ import annotations
@@ -84,4 +85,6 @@ def import_crosscoder(path: str | Path, format: str = "auto", **options: Any) ->
     return FORMATS[name].load(Path(path), **options)
 
 
-__all__ = ["FORMATS", "detect_format", "import_crosscoder"]
+from crosscoders.formats.export import export_crosscoder  # noqa: E402 - needs the formats
+
+__all__ = ["FORMATS", "detect_format", "export_crosscoder", "import_crosscoder"]

@@ -11,6 +11,11 @@ Our sources are the (model, hookpoint) pairs in row-major order. Imported activa
 the same as ours). Its ``TopkActivation`` and ``BatchTopkActivation`` rank raw
 pre-activations (no ReLU, no decoder-norm weighting) and its BatchTopK has no inference
 threshold, so they have no exact equivalent here and are refused.
+
+:func:`export` is the inverse, for our relu and jumprelu crosscoders: sources named
+``model/site`` that form a full grid become M models x P hookpoints (any other naming: M
+sources x 1 hookpoint), and a folded normalisation is written the way its trainer saves it
+(``is_folded`` with the factors), so the checkpoint works on raw activations there too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from crosscoders.errors import CrosscodersError
 from crosscoders.formats.common import build, read_tensors, require
+from crosscoders.io import atomic_write, atomic_write_text
 from crosscoders.model import Crosscoder, CrosscoderConfig
 
 _JUMPRELU = ("AnthropicSTEJumpReLUActivation", "JumpReLUActivationFunction",
@@ -71,6 +77,9 @@ def load(path: Path, source_names: list[str] | None = None) -> Crosscoder:
             "its BatchTopK has no inference threshold); supported: ReLUActivation, "
             "AnthropicSTEJumpReLUActivation"
         )
+    saved_names = cfg.get("source_names")  # written by our export
+    if source_names is None and isinstance(saved_names, list) and len(saved_names) == S:
+        source_names = [str(n) for n in saved_names]
     if source_names is None:
         hookpoints = cfg.get("hookpoints") or [f"hookpoint{p}" for p in range(P)]
         source_names = ([f"model{m}/{h}" for m in range(M) for h in hookpoints] if M > 1
@@ -114,3 +123,67 @@ def _jumprelu_log_threshold(state: dict, path: Path, n_latents: int) -> torch.Te
         f"{path}: JumpReLU checkpoint without a log_threshold parameter; the checkpoint is "
         "incomplete: save it again with crosscode"
     )
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def check_export(model: Crosscoder) -> None:
+    """Refuse, naming the reason, a crosscoder crosscode cannot reproduce exactly."""
+    act = model.config.activation
+    if act in ("topk", "batchtopk"):
+        fix = ("use --format dictionary_learning, which has BatchTopK" if act == "batchtopk"
+               else "keep it in this package's format (push it with `crosscoders push`)")
+        raise CrosscodersError(
+            f"crosscode's TopK and BatchTopK rank raw pre-activations (no ReLU, no "
+            f"decoder-norm weighting) and its BatchTopK has no inference threshold, so this "
+            f"{act} crosscoder cannot be exported exactly; {fix}")
+
+
+def model_grid(names: list[str]) -> tuple[list[str], list[str]]:
+    """(models, hookpoints) whose row-major product is ``names`` (``model/site`` names),
+    else every source a model with one hookpoint."""
+    parts = [name.split("/", 1) for name in names]
+    if all(len(p) == 2 for p in parts):
+        models = list(dict.fromkeys(p[0] for p in parts))
+        sites = list(dict.fromkeys(p[1] for p in parts))
+        if [f"{m}/{h}" for m in models for h in sites] == list(names):
+            return models, sites
+    return list(names), ["activations"]
+
+
+def export(model: Crosscoder, out: Path) -> None:
+    """Write ``model_cfg.yaml`` + ``model.pt`` of a ModelHookpointAcausalCrosscoder."""
+    import yaml
+
+    check_export(model)
+    c = model.config
+    models, hookpoints = model_grid(c.names)
+    M, P, D, F_ = len(models), len(hookpoints), c.d_model, c.dict_size
+    with torch.no_grad():
+        state = {
+            "_W_enc_XiDiL": model.W_enc.reshape(M, P, D, F_),
+            "_W_dec_LXoDo": model.W_dec.reshape(F_, M, P, D),
+            "b_enc_L": model.b_enc,
+            "_b_dec_XoDo": model.b_dec.reshape(M, P, D),
+            # its trainer saves folded checkpoints with the factors; unfolded ones hold zeros
+            "folded_scaling_factors_in_Xi": (model.folded_scale_S.reshape(M, P)
+                                             if model.is_folded else torch.zeros(M, P)),
+            "folded_scaling_factors_out_Xo": (model.folded_scale_S.reshape(M, P)
+                                              if model.is_folded else torch.zeros(M, P)),
+            "is_folded": torch.tensor(model.is_folded),
+        }
+        if c.activation == "jumprelu":
+            state["_activation_fn.log_threshold_L"] = model.activation.log_threshold
+            activation = {"classname": "AnthropicSTEJumpReLUActivation",
+                          "cfg": {"size": F_, "bandwidth": float(c.jumprelu_bandwidth)}}
+        else:
+            activation = {"classname": "ReLUActivation", "cfg": {}}
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+    cfg = {"n_models": M, "n_hookpoints": P, "d_model": D, "n_latents": F_,
+           "activation_fn": activation, "use_encoder_bias": True, "use_decoder_bias": True,
+           "dtype": "float32",
+           # provenance its loader ignores; our importer reads the names back
+           "hookpoints": hookpoints, "models": models, "source_names": list(c.names)}
+    atomic_write(out / "model.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write_text(out / "model_cfg.yaml", yaml.safe_dump(cfg, sort_keys=False))

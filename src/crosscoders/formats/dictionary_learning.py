@@ -14,11 +14,18 @@ Their ``CrossCoder`` / ``BatchTopKCrossCoder`` state dict:
 The normaliser is folded into the weights (the scale as our recorded per-source scale, the
 mean into both biases), so the imported model works on raw activations and its decoder
 norms, code norms and threshold are those of the original.
+
+:func:`export` is the inverse: a ``relu`` or ``batchtopk`` crosscoder becomes a hub directory
+their ``CrossCoder`` / ``BatchTopKCrossCoder`` load (``from_pretrained(dir, from_hub=True)``),
+with our folded per-source scales written as their normaliser (mean 0, ``scale_l``), so
+their decoder norms, code norms and threshold live in the units ours do.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -26,6 +33,7 @@ from torch import Tensor
 
 from crosscoders.errors import CrosscodersError
 from crosscoders.formats.common import build, read_tensors, require
+from crosscoders.io import atomic_write, atomic_write_text
 from crosscoders.model import Crosscoder, CrosscoderConfig
 
 CODE_NORMALIZATIONS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
@@ -179,3 +187,77 @@ def _fold_normaliser(model: Crosscoder, state: dict[str, Tensor], W_enc_LDF: Ten
         "scale": scale_L.tolist(),
         "mean_folded_into_biases": True,
     }
+
+
+# ------------------------------------------------------------------------------- export
+
+_CODE_NORMALIZATION_ID = {"sum": 1, "concat": 2}  # CROSSCODER, SAE
+
+
+def check_export(model: Crosscoder) -> None:
+    """Refuse, naming the reason, a crosscoder their classes cannot reproduce exactly."""
+    c = model.config
+    if c.activation == "topk":
+        raise CrosscodersError(
+            "dictionary_learning has no per-token TopK crosscoder (only CrossCoder, ReLU, and "
+            "BatchTopKCrossCoder), so this topk crosscoder cannot be exported exactly; keep "
+            "it in this package's format (push it with `crosscoders push`)")
+    if c.activation == "jumprelu":
+        raise CrosscodersError(
+            "dictionary_learning has no JumpReLU crosscoder, so this jumprelu crosscoder "
+            "cannot be exported exactly; use --format crosscode, which has one")
+    if c.activation == "batchtopk" and not model.activation.has_threshold:
+        raise CrosscodersError(
+            "this batchtopk crosscoder has no inference threshold yet (it was never trained): "
+            "dictionary_learning would keep every positive latent where this package keeps "
+            "each token's top k; train it first, then export")
+
+
+def export(model: Crosscoder, out: Path) -> None:
+    """Write ``config.json`` + ``model.safetensors`` in their hub layout to ``out``."""
+    from safetensors.torch import save_file
+
+    check_export(model)
+    c = model.config
+    unfolded = copy.deepcopy(model).cpu().float()
+    folded = unfolded.is_folded
+    scale_L = unfolded.unfold_normalisation() if folded else torch.ones(c.n_sources)
+    L, D = c.n_sources, c.d_model
+    state = {
+        "encoder.weight": unfolded.W_enc.detach(),  # [L, D, F] in normalised units
+        "encoder.bias": unfolded.b_enc.detach(),
+        "decoder.weight": unfolded.W_dec.detach().permute(1, 0, 2),  # [L, F, D]
+        "decoder.bias": unfolded.b_dec.detach(),
+        "code_normalization_id": torch.tensor(_CODE_NORMALIZATION_ID[c.dec_norm]),
+    }
+    if folded:
+        # theirs: (x - mean) * scale_l with scale_l = target_rms / sqrt(sum_d std^2 + 1e-8);
+        # ours is an uncentred scale, so mean 0 and a std that gives back exactly scale_l
+        target_rms = math.sqrt(D)
+        var_L = (target_rms**2 / scale_L.double() ** 2 - 1e-8).clamp_min(0) / D
+        state.update({
+            "activation_mean": torch.zeros(L, D),
+            "activation_std": var_L.sqrt().float()[:, None].expand(L, D),
+            "activation_global_scale": scale_L.float(),
+            "target_rms": torch.tensor(target_rms),
+        })
+    else:  # their convention for "no normaliser": NaN statistics, unit scale
+        state.update({
+            "activation_mean": torch.full((L, D), math.nan),
+            "activation_std": torch.full((L, D), math.nan),
+            "activation_global_scale": torch.ones(L),
+            "target_rms": torch.tensor(1.0),
+        })
+    config = {"activation_dim": D, "dict_size": c.dict_size, "num_layers": L,
+              "code_normalization": CODE_NORMALIZATIONS[_CODE_NORMALIZATION_ID[c.dec_norm]]}
+    if c.activation == "batchtopk":
+        state["k"] = torch.tensor(c.k, dtype=torch.int32)
+        state["threshold"] = torch.tensor(float(model.activation.threshold),
+                                          dtype=torch.float32)
+        config.update(k=c.k, dict_class="BatchTopKCrossCoder")
+    else:
+        config["dict_class"] = "CrossCoder"
+    tensors = {k: v.detach().float().contiguous().clone() if v.is_floating_point()
+               else v.contiguous().clone() for k, v in state.items()}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")

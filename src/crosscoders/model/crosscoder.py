@@ -321,10 +321,10 @@ class Crosscoder(nn.Module):
         a directory, downloaded when no local path of that name exists.
         """
         if not Path(directory).exists():
-            from crosscoders.formats.hub import looks_like_hub_id, resolve
+            from crosscoders.formats.hub import CROSSCODER_FILES, looks_like_hub_id, resolve
 
             if looks_like_hub_id(str(directory)):
-                directory = resolve(directory)
+                directory = resolve(directory, files=CROSSCODER_FILES)
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         if not directory.is_dir():
@@ -367,3 +367,33 @@ class Crosscoder(nn.Module):
         model.load_state_dict(state)
         model.metadata = meta.get("metadata", {})
         return model.to(device).eval()
+
+    # ----------------------------------------------------------------- the Hub
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
+                        revision: str | None = None, token: str | None = None) -> Crosscoder:
+        """Load a crosscoder from the Hugging Face Hub (``owner/name`` or
+        ``owner/name/subfolder``, as :meth:`push_to_hub` wrote it) or a local directory.
+
+        Downloads only ``config.json`` and ``model.safetensors`` (cached by huggingface_hub);
+        ``revision`` picks a branch, tag or commit. For crosscoders saved by other codebases
+        use :func:`crosscoders.formats.import_crosscoder`.
+        """
+        from crosscoders.formats.hub import CROSSCODER_FILES, resolve
+
+        path = resolve(name_or_path, files=CROSSCODER_FILES, revision=revision, token=token)
+        return cls.load(path, device)
+
+    def push_to_hub(self, repo_id: str, *, run_dir: str | Path | None = None,
+                    diff_dir: str | Path | None = None, report: str | Path | None = None,
+                    private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None, api: Any = None) -> str:
+        """Upload this crosscoder with a generated model card to ``owner/name[/subfolder]``
+        (the repo is created if missing); returns the URL. ``run_dir`` adds the training
+        metrics, ``diff_dir`` the diff table, summaries and report (under ``diff/``); see
+        :func:`crosscoders.formats.hub.push_to_hub`."""
+        from crosscoders.formats.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, run_dir=run_dir, diff_dir=diff_dir, report=report,
+                           private=private, token=token, commit_message=commit_message,
+                           api=api)
