@@ -470,6 +470,17 @@
       grid.append(panel("Diffing summary", null, kvList(D.summary, 16),
         rawJson("full summary", D.summary)));
     }
+    if (GRADED) {
+      const g = GRADED;
+      const shown = { "FDR": g.fdr, "latents tested": g.n_tested,
+        "chat-leaning": g.n_chat_leaning, "base-leaning": g.n_base_leaning,
+        "null band (rel norm)": Array.isArray(g.band) ? g.band.map((v) => fmt(v)).join(" – ")
+          : null,
+        "dead": g.n_dead, "rare": g.n_rare, "note": g.note };
+      grid.append(panel("Graded view", "relative norm against an empirical null fitted to " +
+        "the tested latents; leaning = beyond it at the FDR", kvList(Object.fromEntries(
+        Object.entries(shown).filter(([, v]) => v != null)))));
+    }
     sec.append(grid);
     if (Object.keys(D.config || {}).length) sec.append(rawJson("full run configuration", D.config));
     root.append(sec);
