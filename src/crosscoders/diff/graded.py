@@ -8,24 +8,25 @@ the way, and a latent whose chat decoder is 1.5x its base decoder (``rel_norm`` 
 ``t = log(n_chat / n_base)`` lies from what unchanged latents show.
 
 **The null** is an *empirical null* (Efron's large-scale-inference setting): thousands of
-parallel tests whose null distribution is not known theoretically, but most of which are
+parallel tests whose null distribution is not known theoretically, but many of which are
 null. The spread of ``t`` among unchanged latents comes from training noise and from
-interference between features; neither has a closed form, but both act on the bulk of the
-dictionary. A normal ``N(center, scale^2)`` is fitted to the core of the distribution of
-``t`` over the latents that can be tested: the fit keeps the latents within ``clip`` null
-standard deviations of the centre and iterates (the mean and the variance of the kept ones,
-the variance corrected for the truncation at ``+-clip``), so latents that really changed,
-which sit in the tails, do not widen it. The centre is fitted, not assumed to be 0, so a
-global scale difference between the sources is not called a change.
+interference between features; neither has a closed form, but both act on the whole
+dictionary. A normal is fitted to the core of the distribution of ``t`` over the latents
+that can be tested: starting at its mode (the shortest window holding a fifth of them),
+the fit keeps the latents within ``clip`` null standard deviations of the centre and
+iterates (their precision-weighted mean and, by maximum likelihood, the variance, corrected
+for the truncation at ``+-clip``), so latents that really changed, which sit in the tails,
+do not widen it, even when they outnumber the unchanged ones. The centre is fitted, not
+assumed to be 0, so a global scale difference between the sources is not called a change.
 
 Which latents can be tested: not exclusive under the preset (those are labelled already),
-and trained. With data, a latent is trained if it fired at least ``min_fires`` times on the
-analysed tokens; latents that never fired are ``dead`` and the others below ``min_fires``
-``rare``: they keep (nearly) their random initial decoders, so their ``t`` says nothing
-about the models and they are counted apart, never as shared. Without data, a latent is
-tested if its base and chat decoder directions agree (cosine >= ``min_cos``): untrained
-latents keep independent random directions per source (cosine ~ 0), trained ones mostly
-do not.
+not designated (tied or masked decoders fix the ratio by design), and trained. With data, a
+latent is trained if it fired at least ``min_fires`` times on the analysed tokens; latents
+that never fired are ``dead`` and the others below ``min_fires`` ``rare``: they keep
+(nearly) their random initial decoders, so their ``t`` says nothing about the models and
+they are counted apart, never as shared. Without data, a latent is tested if its base and
+chat decoder directions agree (cosine >= ``min_cos``): untrained latents keep independent
+random directions per source (cosine ~ 0), trained ones mostly do not.
 
 The spread of ``t`` depends on how often a latent fires: a latent that fires on 30 tokens
 is fitted from 30 examples, one that fires on 3000 from 3000. On planted data the frequent
@@ -153,16 +154,27 @@ def _truncated_variance_factor(clip: float) -> float:
     return 1 - 2 * clip * norm.pdf(clip) / mass
 
 
+def _densest(x: np.ndarray, k: int) -> tuple[float, float]:
+    """Median and half-width of the shortest window holding ``k`` of the values."""
+    xs = np.sort(x)
+    widths = xs[k - 1:] - xs[: xs.size - k + 1]
+    i = int(np.argmin(widths))
+    return float(np.median(xs[i: i + k])), float(widths[i]) / 2
+
+
 def fit_null(values: np.ndarray, fires: np.ndarray | None = None, clip: float = 2.5,
-             max_iter: int = 100) -> NullFit:
+             max_iter: int = 200, start_fraction: float = 0.2) -> NullFit:
     """Fit the null to the core of ``values`` (iterated clipping at ``clip`` null SDs).
 
-    Start: median and 1.4826 MAD. Each step keeps the values within ``clip`` null SDs of
-    the centre and re-estimates the centre (their precision-weighted mean) and the variance
-    parameters (maximum likelihood on the kept values, the variance scaled by that of a
-    standard normal truncated at ``+-clip``). Values far in the tails (the changed latents)
-    never enter; unchanged latents beyond ``clip`` are few and accounted for by the
-    truncation factor. ``fires`` [n]: firings per value, for the ``per_firing / n`` term
+    Start: the densest ``start_fraction`` of the values (the shortest window holding them:
+    its median, and its half-width read as the quartile distance of a normal), so the fit
+    begins at the mode of the unchanged latents even when they are a minority and the
+    changed ones spread widely on both sides. Each step keeps the values within ``clip``
+    null SDs of the centre and re-estimates the centre (their precision-weighted mean) and
+    the variance parameters (maximum likelihood on the kept values, the variance scaled by
+    that of a standard normal truncated at ``+-clip``). Values far in the tails (the
+    changed latents) never enter; unchanged latents beyond ``clip`` are few and accounted
+    for by the truncation factor. ``fires`` [n]: firings per value, for the ``per_firing / n`` term
     (None: a single variance, ``per_firing`` = 0). The returned scale is raised by one
     standard error of its estimate, ``1 + 1 / sqrt(2 (n_core - 2))``: noise in an estimated
     scale makes tail p-values too small on average (simulated: 1.4x too many null values
@@ -176,8 +188,8 @@ def fit_null(values: np.ndarray, fires: np.ndarray | None = None, clip: float = 
     x, n = x[ok], n[ok]
     if x.size < 3:
         raise ConfigError(f"need at least 3 values to fit a null, got {x.size}")
-    center = float(np.median(x))
-    spread = 1.4826 * float(np.median(np.abs(x - center)))
+    center, half = _densest(x, max(3, math.ceil(start_fraction * x.size)))
+    spread = half / float(norm.ppf(0.75))
     spread = spread if spread > 0 else float(np.std(x)) or 1e-12
     k = _truncated_variance_factor(clip)
     floor, per = spread, (0.0 if fires is None else spread * float(np.sqrt(np.median(n))) / 4)
@@ -241,29 +253,36 @@ def _sigmoid(x: float) -> float:
 
 
 def testable(cols: dict[str, np.ndarray], fires: np.ndarray | None,
-             cfg: GradedConfig) -> np.ndarray:
-    """[F] bool: latents whose relative norm is tested (see the module docstring)."""
+             cfg: GradedConfig, fixed: np.ndarray | None = None) -> np.ndarray:
+    """[F] bool: latents whose relative norm is tested (see the module docstring);
+    ``fixed`` [F] marks latents whose norm ratio is fixed by design (designated shared or
+    exclusive latents), never tested."""
     preset = np.asarray(cols.get("preset_category", cols["category"])).astype(str)
     ok = ~np.isin(preset, EXCLUSIVE)
+    if fixed is not None:
+        ok &= ~np.asarray(fixed, bool)
     if fires is not None:
         return ok & (np.asarray(fires) >= cfg.min_fires)
     return ok & (np.asarray(cols["dec_cos"]) >= cfg.min_cos)
 
 
 def grade(cols: dict[str, np.ndarray], fires: np.ndarray | None = None,
-          cfg: GradedConfig | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+          cfg: GradedConfig | None = None, fixed: np.ndarray | None = None,
+          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The graded columns and summary for a table's weight columns.
 
     ``cols`` needs ``norm_base``, ``norm_chat``, ``category`` (the preset's labels) and
     ``dec_cos``; ``fires`` [F] is how often each latent fired on the analysed tokens (None:
-    weights only). Returns new columns (``preset_category``, the graded ``category``,
-    ``rel_norm_z``, ``rel_norm_p``, ``rel_norm_q``, ``diff_score``) and the summary entry.
+    weights only); ``fixed`` [F] marks designated latents (tied or masked decoders: their
+    norm ratio is set by design, and a tied block would be a spike at 0 in the null).
+    Returns new columns (``preset_category``, the graded ``category``, ``rel_norm_z``,
+    ``rel_norm_p``, ``rel_norm_q``, ``diff_score``) and the summary entry.
     """
     cfg = cfg or GradedConfig()
     preset = np.asarray(cols["category"]).astype(str)
     F_ = len(preset)
     t = log_norm_ratio(cols["norm_base"], cols["norm_chat"])
-    tested = testable({"category": preset, "dec_cos": cols["dec_cos"]}, fires, cfg)
+    tested = testable({"category": preset, "dec_cos": cols["dec_cos"]}, fires, cfg, fixed)
     exclusive = np.isin(preset, EXCLUSIVE)
     category = preset.astype(object).copy()
     if fires is not None:
@@ -334,14 +353,14 @@ def grade(cols: dict[str, np.ndarray], fires: np.ndarray | None = None,
     return columns, summary
 
 
-def leaning_candidates(cols: dict[str, np.ndarray], cfg: GradedConfig | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def leaning_candidates(cols: dict[str, np.ndarray], cfg: GradedConfig | None = None,
+                       fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Before the data pass: the latents most likely to come out leaning, at most
     ``max_leaning`` per side (chat, base), by the weights-only score (|z| >= 1.5 and not
     exclusive). They get Latent Scaling and examples in the one pass."""
     cfg = cfg or GradedConfig()
     graded, _ = grade({k: cols[k] for k in ("norm_base", "norm_chat", "category", "dec_cos")},
-                      None, cfg)
+                      None, cfg, fixed)
     z = graded["rel_norm_z"]
     preset = np.asarray(cols["category"]).astype(str)
     ok = np.isfinite(z) & ~np.isin(preset, EXCLUSIVE) & (np.abs(np.nan_to_num(z)) >= 1.5)

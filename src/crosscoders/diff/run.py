@@ -33,7 +33,7 @@ from crosscoders.diff.graded import GradedConfig, leaning_candidates
 from crosscoders.diff.latent_scaling import TrulyExclusiveRule
 from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.stats import HeadRows, StoreRows, as_rows
-from crosscoders.diff.table import latent_table, resolve_source
+from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write_text
 
@@ -168,7 +168,8 @@ def run_diff(
         if cfg.examples == "exclusive":
             if cfg.graded is not None:
                 w = {k: weights.df[k].to_numpy() for k in weights.df.columns}
-                candidates = np.concatenate(leaning_candidates(w, cfg.graded))
+                candidates = np.concatenate(leaning_candidates(
+                    w, cfg.graded, designated_latents(model, b, c)))
             latents = np.union1d(np.flatnonzero(cats != "shared"), candidates)
         collector = ExampleCollector(model.dict_size, latents, cfg.n_top, cfg.n_samples, cfg.seed)
     data_for_pass = _limit(rows, cfg.max_tokens)

@@ -108,6 +108,18 @@ def weight_columns(
     }
 
 
+def designated_latents(model: Any, base: int, chat: int) -> np.ndarray:
+    """[F] bool: latents whose base/chat norm ratio is fixed by design (designated shared
+    latents with tied decoders, latents masked off either source)."""
+    F_ = int(model.dict_size)
+    fixed = np.arange(F_) < int(getattr(model.config, "n_shared_latents", 0) or 0)
+    mask = getattr(model, "dec_mask_FS", None)
+    if mask is not None:
+        mask = mask.detach().cpu().numpy()
+        fixed |= (mask[:, base] == 0) | (mask[:, chat] == 0)
+    return fixed
+
+
 def _cosine(a_FD: torch.Tensor, b_FD: torch.Tensor) -> np.ndarray:
     a, b = a_FD.double(), b_FD.double()
     denom = a.norm(dim=-1) * b.norm(dim=-1)
@@ -201,16 +213,17 @@ def latent_table(
         },
         "n_latents": int(model.dict_size),
     }
+    fixed = designated_latents(model, b, c)
     if data is None:
         if graded is not None:
-            new, summary["graded"] = grade(cols, None, graded)
+            new, summary["graded"] = grade(cols, None, graded, fixed)
             cols.update(new)
         _add_counts(summary, cols, graded)
         return LatentTable(pd.DataFrame(cols), summary)
 
     rows = as_rows(data, token_ids)
     stats = ActivationStats(model.dict_size, model.n_sources, model.d_model, special_ids)
-    candidates = (leaning_candidates(cols, graded) if graded is not None
+    candidates = (leaning_candidates(cols, graded, fixed) if graded is not None
                   and isinstance(latent_scaling, str) and latent_scaling == "auto"
                   else (np.empty(0, np.int64), np.empty(0, np.int64)))
     ls_runs = _latent_scaling_runs(cols, latent_scaling, max_ls_latents, seed, candidates,
@@ -238,7 +251,7 @@ def latent_table(
     rec["fvu"] = {names[s]: v for s, v in enumerate(rec["fvu"])}
     summary.update(rec)
     if graded is not None:
-        new, summary["graded"] = grade(cols, cols["n_fires"], graded)
+        new, summary["graded"] = grade(cols, cols["n_fires"], graded, fixed)
         cols.update(new)
     _add_counts(summary, cols, graded)
     if ls_runs:
