@@ -67,15 +67,17 @@ def test_config_errors_and_cli_flags():
         DiffingBenchConfig(activations=["gelu"])
     parser = argparse.ArgumentParser()
     add_bench_diffing_arguments(parser)
-    args = parser.parse_args(["--activations", "relu", "--steps", "10"])
+    args = parser.parse_args(["--activations", "relu", "--steps", "10", "--shifted", "4"])
     assert args.activations == ["relu"] and args.func.__name__ == "bench_diffing_from_args"
+    assert args.shifted == 4
 
 
 def test_tiny_benchmark_runs_and_prints(capsys):
     result = run_diffing_benchmark(_small(activations=["relu", "batchtopk"]))
     text = format_diffing_table(result)
     for needle in ("relu", "batchtopk", "rel_norm", "latent_scaling", "shared_decoupled 4",
-                   "chat R/P", "what the exclusive latents write"):
+                   "chat R/P", "what the exclusive latents write", "graded view",
+                   "shared_weaker"):
         assert needle in text
     for res in result["results"].values():
         for lab in res["labels"].values():
@@ -85,6 +87,9 @@ def test_tiny_benchmark_runs_and_prints(capsys):
         plain, scaled = res["labels"]["rel_norm"], res["labels"]["latent_scaling"]
         for c in ("chat_only", "base_only"):
             assert scaled["n_labelled"][c] <= plain["n_labelled"][c]
+        graded = res["graded"]
+        assert graded["changed"]["shared_weaker"]["n"] <= 4 and graded["n_unchanged"] <= 6
+        assert graded["n_false"] + graded["n_unexplained"] <= graded["n_discoveries"]
 
 
 @pytest.mark.slow

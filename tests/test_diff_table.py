@@ -175,7 +175,12 @@ def test_latent_scaling_flags_shrinkage_and_decoupling():
     assert df.loc[3, "ls_ref"] == "base" and df.loc[3, "nu_r"] == pytest.approx(1.0)
     assert not df.loc[3, "truly_base_only"]
     assert table.summary["latent_scaling"]["n_truly_chat_only"] == 1
-    assert table.summary["counts"] == {"shared": 1, "base_only": 1, "chat_only": 3, "other": 0}
+    assert table.summary["preset_counts"] == {"shared": 1, "base_only": 1, "chat_only": 3,
+                                              "other": 0}
+    # the graded view adds its categories to the counts; 5 latents are too few for a null
+    assert table.summary["counts"] == {**table.summary["preset_counts"], "chat_leaning": 0,
+                                       "base_leaning": 0, "rare": 0, "dead": 0}
+    assert "no null fitted" in table.summary["graded"]["note"]
     assert table.summary["fvu"]["chat"] == pytest.approx(0.0, abs=1e-20)
     assert table.summary["fvu"]["base"] == pytest.approx(0.2 / 1.2, rel=0.2)  # 0.5x missed
 

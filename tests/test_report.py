@@ -59,7 +59,13 @@ def test_render_embeds_table_examples_and_metrics(tmp_path):
     assert kinds["truly_chat_only"] == "bool" and kinds["category"] == "cat"
     assert kinds["top_act_tokens"] == "text" and kinds["promotes"] == "text"
     assert payload["roles"]["n_base"] == "n_base" and payload["roles"]["cos"] == "cos"
-    assert payload["categories"] == ["base_only", "shared", "chat_only", "other"]
+    assert payload["categories"] == ["base_only", "base_leaning", "shared", "chat_leaning",
+                                     "chat_only", "other", "rare", "dead"]
+    # the browser opens sorted by the diffing score: it comes right after the category
+    assert [c["name"] for c in payload["table"]["columns"]][:3] == ["latent", "category",
+                                                                    "diff_score"]
+    assert payload["roles"]["diff_score"] == "diff_score"
+    assert payload["summary"]["graded"]["band"] == [0.455, 0.545]
 
     # one chunk per 64 rows; latent 5's first example decodes to its tokens and activations
     assert payload["n_chunks"] == 10

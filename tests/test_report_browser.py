@@ -86,6 +86,15 @@ def test_report_in_headless_chromium(big_report, tmp_path):
         assert svg["width"] > 100 and svg["height"] > 50 and svg["marks"] > 0, svg
     rel = next(s for s in r["svgs"] if s["label"] == "relative norm")
     assert rel["marks"] > 20  # bars stacked by category
+    # the graded view: the null band is shaded, dead and rare latents are left out of the
+    # category plots until asked for, and the browser opens sorted by the diffing score
+    assert r["band"] == 1 and "null band" in r["legend"]
+    assert "dead" not in r["legend"] and "rare" not in r["legend"]
+    assert "dead and" in r["untrainedNote"] and "left out" in r["untrainedNote"]
+    assert {"dead", "rare"} <= set(r["legendWithUntrained"])
+    assert r["initialSort"] == "diff score ↓"
+    scores = [v for v in r["initialScores"] if v is not None]
+    assert len(scores) == 200 and scores == sorted(scores, reverse=True)
     # the table is virtual: a screenful of rows for 16k latents
     assert 10 < r["rowCount"] < 100
     assert r["status"] == f"{N_LATENTS:,} of {N_LATENTS:,} latents"
@@ -141,3 +150,5 @@ def test_report_without_optional_sections(tmp_path):
     assert r["nav"] == ["Overview", "Diffing", "Features"]
     assert {s["label"] for s in r["svgs"]} == {"relative norm", "decoder cosine",
                                                "category counts"}
+    # a table from before the graded view: no band, no dead/rare note, unsorted browser
+    assert r["band"] == 0 and r["untrainedNote"] is None and r["initialSort"] is None

@@ -111,6 +111,29 @@ def test_activations_are_codes_times_directions_plus_noise(data):
     assert noiseless.acts_NSD[:, 0].abs().max() > 0
 
 
+def test_shifted_features_change_strength_by_the_configured_range():
+    cfg = SMALL.replace(n_shared_shifted=6, shift_min=0.2, shift_max=0.7)
+    data = make_planted_data(cfg)
+    kinds = np.array(data.kinds)
+    assert data.kinds[-6:] == ["shared_shifted"] * 6
+    # the features planted before them are unchanged (the shifted block comes last)
+    torch.testing.assert_close(data.directions_PSD[:-6], make_planted_data(SMALL).directions_PSD)
+    ratio = data.strength_ratio[kinds == "shared_shifted"]
+    # even: chat stronger by 1 + c, odd: base stronger; c evenly spaced in [0.2, 0.7]
+    np.testing.assert_allclose(ratio[0::2], [1.2, 1.45, 1.7], rtol=1e-6)
+    np.testing.assert_allclose(1 / ratio[1::2], [1.2, 1.45, 1.7], rtol=1e-6)
+    norms = data.directions_PSD[kinds == "shared_shifted"].norm(dim=-1)
+    torch.testing.assert_close(norms.max(dim=1).values, torch.ones(6))
+    cos = torch.nn.functional.cosine_similarity(*data.directions_PSD[kinds == "shared_shifted"]
+                                                .unbind(1), dim=-1)
+    torch.testing.assert_close(cos, torch.ones(6))
+    assert set(np.asarray(data.categories)[kinds == "shared_shifted"]) == {"shared"}
+    assert np.isinf(data.strength_ratio[kinds == "chat_only"]).all()
+    assert (data.strength_ratio[kinds == "base_only"] == 0).all()
+    with pytest.raises(ConfigError, match="shift_min"):
+        PlantedConfig(shift_min=0.5, shift_max=0.2)
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -152,7 +175,7 @@ def test_oracle_decoder_is_recovered_and_labelled_perfectly(data, method):
     assert match.recovery > 0.99 and match.frac_recovered == 1.0
     inverse = torch.argsort(perm).numpy()
     np.testing.assert_array_equal(match.latent_P, inverse[: SMALL.n_features])
-    for kind in KINDS:  # anthropic: everything, shared_weaker included, on the diagonal
+    for kind in dict.fromkeys(data.kinds):  # anthropic: all on the diagonal, weaker included
         truth = "shared" if kind.startswith("shared") else kind
         assert confusion[kind, truth] == getattr(SMALL, f"n_{kind}")
     alive = np.zeros(len(W), bool)

@@ -8,7 +8,11 @@ residual stream with sparse, heavy-tailed codes plus noise. The feature kinds ar
 - ``shared_weaker``: the same direction, but ``weaker_fraction`` times as strong in one
   model (the base for even-numbered ones, the chat for odd ones). L1 training tends to
   shrink the weaker copy to zero and so labels these exclusive; their truth is "shared";
-- ``base_only`` / ``chat_only``: present in one model, zero in the other.
+- ``base_only`` / ``chat_only``: present in one model, zero in the other;
+- ``shared_shifted``: the same direction, ``1 + c`` times stronger in one model than in the
+  other, ``c`` evenly spaced in [shift_min, shift_max] (default 20-70%): stronger in the chat
+  for even-numbered ones, in the base for odd ones. The moderate changes a real fine-tune
+  makes; the graded diff (``crosscoders.diff.graded``) should call them leaning, not shared.
 
 A crosscoder trained on the activations is scored by matching its latents to the planted
 features by decoder cosine (:func:`match_latents`), then comparing each latent's category
@@ -39,13 +43,16 @@ from crosscoders.diff.categories import (
 )
 from crosscoders.errors import ConfigError, DataError
 
-KINDS: tuple[str, ...] = ("shared", "shared_rotated", "shared_weaker", "base_only", "chat_only")
+KINDS: tuple[str, ...] = (
+    "shared", "shared_rotated", "shared_weaker", "base_only", "chat_only", "shared_shifted"
+)
 KIND_TO_CATEGORY: dict[str, str] = {
     "shared": "shared",
     "shared_rotated": "shared",
     "shared_weaker": "shared",
     "base_only": "base_only",
     "chat_only": "chat_only",
+    "shared_shifted": "shared",
 }
 PLANTED_CATEGORIES: tuple[str, ...] = ("shared", "base_only", "chat_only")
 MISSED = "missed"
@@ -80,6 +87,9 @@ class PlantedConfig(Config):
     noise_std: float = 0.02
     n_tokens: int = 65536
     seed: int = 0
+    n_shared_shifted: int = 0
+    shift_min: float = 0.2
+    shift_max: float = 0.7
 
     def validate(self) -> None:
         if self.d_model < 1:
@@ -102,6 +112,10 @@ class PlantedConfig(Config):
             raise ConfigError(f"weaker_fraction={self.weaker_fraction} must lie in (0, 1)")
         if self.noise_std < 0:
             raise ConfigError(f"noise_std={self.noise_std} must be >= 0")
+        if not 0.0 < self.shift_min <= self.shift_max:
+            raise ConfigError(
+                f"need 0 < shift_min <= shift_max, got {self.shift_min} and {self.shift_max}"
+            )
         if self.n_tokens < 1:
             raise ConfigError(f"n_tokens={self.n_tokens} must be at least 1")
 
@@ -121,7 +135,7 @@ class PlantedData:
 
     ``acts_NSD[n, s] = sum_p codes_NP[n, p] * directions_PSD[p, s] + noise``. The norm of
     ``directions_PSD[p, s]`` is the feature's strength in model s: 1, ``weaker_fraction``,
-    or 0 where the feature is absent.
+    ``1 / (1 + c)`` on the weak side of a shifted feature, or 0 where it is absent.
     """
 
     acts_NSD: torch.Tensor
@@ -130,6 +144,13 @@ class PlantedData:
     kinds: list[str]
     categories: list[str]
     config: PlantedConfig
+
+    @property
+    def strength_ratio(self) -> np.ndarray:
+        """[P] chat strength over base strength (inf for chat-only, 0 for base-only)."""
+        n = torch.linalg.vector_norm(self.directions_PSD.double(), dim=-1).numpy()
+        with np.errstate(divide="ignore"):
+            return n[:, 1] / n[:, 0]
 
 
 def _unit_rows(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -168,6 +189,15 @@ def planted_directions(cfg: PlantedConfig, gen: torch.Generator) -> torch.Tensor
     if cfg.n_chat_only:
         d = _unit_rows(cfg.n_chat_only, D, gen)
         blocks.append(torch.stack([zeros(cfg.n_chat_only, D, dtype=d.dtype), d], dim=1))
+    if cfg.n_shared_shifted:
+        n = cfg.n_shared_shifted
+        d = _unit_rows(n, D, gen)
+        scale_P2 = torch.ones(n, 2, dtype=torch.float64)
+        for weak, idx in ((0, slice(0, None, 2)), (1, slice(1, None, 2))):  # even: chat stronger
+            count = len(range(n)[idx])
+            c = torch.linspace(cfg.shift_min, cfg.shift_max, count, dtype=torch.float64)
+            scale_P2[idx, weak] = 1.0 / (1.0 + c)
+        blocks.append(d[:, None, :] * scale_P2[:, :, None])
     return torch.cat(blocks, dim=0)
 
 

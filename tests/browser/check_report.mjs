@@ -63,7 +63,28 @@ try {
   await page.screenshot({ path: join(outDir, "report-top.png") });
   result.screenshots.push(join(outDir, "report-top.png"));
 
+  // The graded view: the browser's initial sort, the null band, dead/rare left out.
+  result.initialSort = await page.$eval(".vt-head div.sorted", (el) => el.textContent)
+    .catch(() => null);
+  result.initialScores = await page.evaluate(() => {
+    const cols = [...document.querySelectorAll(".vt-head div")].map((d) => d.dataset.col);
+    if (!cols.includes("diff_score")) return null;
+    return window.__report.view(["diff_score"]).values.diff_score.slice(0, 200);
+  });
+  result.band = await page.$$eval(
+    'section#diffing svg[aria-label="relative norm"] rect.band', (r) => r.length);
+  const legendNames = () => page.$$eval("section#diffing .panel:first-child .legend span",
+    (spans) => spans.map((x) => x.textContent));
+  result.legend = await legendNames();
+  result.untrainedNote = await page.$eval("section#diffing > .toolbar .note",
+    (el) => el.textContent).catch(() => null);
+
   if (interact) {
+    if (result.untrainedNote) {
+      await page.click("#untrained-toggle");
+      result.legendWithUntrained = await legendNames();
+      await page.click("#untrained-toggle");
+    }
     // Filter by category.
     await page.click('.chip[data-cat="chat_only"]');
     result.chatOnly = {

@@ -21,6 +21,13 @@ from crosscoders.diff.examples import (
     load_examples,
     save_examples,
 )
+from crosscoders.diff.graded import (
+    GRADED_CATEGORIES,
+    GradedConfig,
+    bh_qvalues,
+    fit_null,
+    grade,
+)
 from crosscoders.diff.latent_scaling import (
     LatentScalingAccumulator,
     LatentScalingResult,
@@ -37,11 +44,13 @@ from crosscoders.diff.table import LatentTable, latent_table
 
 __all__ = [
     "CATEGORIES",
+    "GRADED_CATEGORIES",
     "PRESETS",
     "ActivationStats",
     "CategoryThresholds",
     "DiffConfig",
     "ExampleCollector",
+    "GradedConfig",
     "LatentScalingAccumulator",
     "LatentScalingResult",
     "LatentTable",
@@ -50,12 +59,15 @@ __all__ = [
     "activation_difference",
     "activation_stats",
     "analysis_pass",
+    "bh_qvalues",
     "category_score",
     "classify_latents",
     "collect_examples",
     "decoder_cosine",
     "decoder_norms",
+    "fit_null",
     "get_thresholds",
+    "grade",
     "labels_from_scores",
     "latent_scaling",
     "latent_table",

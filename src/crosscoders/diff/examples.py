@@ -106,8 +106,10 @@ class ExampleCollector:
             key = -torch.rand(len(g), generator=self.gen, dtype=torch.float64)
             self.samples.add(g, key, v, row)
 
-    def records(self) -> list[dict[str, Any]]:
-        """One record per kept activation: latent, kind, rank, value, quantile, row."""
+    def records(self, latents: Any = None) -> list[dict[str, Any]]:
+        """One record per kept activation: latent, kind, rank, value, quantile, row
+        (only of ``latents``, if given)."""
+        wanted = None if latents is None else {int(i) for i in np.asarray(latents).ravel()}
         out: list[dict[str, Any]] = []
         for kind, keeper in (("top", self.top), ("sample", self.samples)):
             if keeper is None:
@@ -121,22 +123,28 @@ class ExampleCollector:
             start = torch.cumsum(counts, 0) - counts
             rank = torch.arange(len(g)) - start[g]
             for gi, vi, ri, k in zip(g.tolist(), value.tolist(), row.tolist(), rank.tolist()):
+                latent = int(self.latents[gi])
+                if wanted is not None and latent not in wanted:
+                    continue
                 q = 1.0 - (k + 0.5) / int(counts[gi]) if kind == "sample" else None
-                out.append({"latent": int(self.latents[gi]), "kind": kind, "rank": k,
+                out.append({"latent": latent, "kind": kind, "rank": k,
                             "value": vi, "quantile": q, "row": ri})
         return out
 
     @torch.inference_mode()
     def finish(self, model: Any, data: Any, before: int = 16, after: int = 4,
-               tokenizer: Any = None, batch_size: int = 4096) -> list[dict[str, Any]]:
+               tokenizer: Any = None, batch_size: int = 4096,
+               latents: Any = None) -> list[dict[str, Any]]:
         """Records with their context windows: ``tokens`` (ids), ``center`` (index of the
         row in them), ``acts`` (the latent's activation per window token; None where the
         position was not stored, e.g. BOS) and ``text`` (token strings, with a tokenizer).
+        ``latents``: keep only these (e.g. the ones whose category, known after the pass,
+        asks for examples).
 
         Windows are encoded in chunks of ``batch_size`` rows, so memory stays bounded.
         """
         rows = as_rows(data)
-        recs = self.records()
+        recs = self.records(latents)
         windows = [rows.window(r["row"], before, after) for r in recs]
         model.eval()
         chunk: list[int] = []

@@ -16,9 +16,13 @@ exclusive), this adds
 
 :func:`run_diffing_benchmark` trains an L1 (ReLU) and a BatchTopK crosscoder on the same
 data, builds each one's latent table (relative-norm category and Latent Scaling, one pass)
-and scores the labels against the planted truth twice: the category alone, and with Latent
-Scaling (an exclusive latent that is not "truly exclusive" is relabelled shared).
-:func:`format_diffing_table` prints the one table; ``crosscoders bench diffing`` runs both.
+and scores the preset's labels against the planted truth twice: the category alone, and
+with Latent Scaling (an exclusive latent that is not "truly exclusive" is relabelled
+shared). :func:`graded_scores` scores the graded view (``crosscoders.diff.graded``): are
+features whose strength changed between the models (``shared_shifted`` 20-70%,
+``shared_weaker``) called leaning towards the stronger model, and how many unchanged ones
+are called leaning. :func:`format_diffing_table` prints it all; ``crosscoders bench
+diffing`` runs both.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CATEGORIES, get_thresholds
+from crosscoders.diff.graded import GradedConfig
 from crosscoders.diff.latent_scaling import TrulyExclusiveRule
 from crosscoders.diff.table import latent_table, normalised_decoder
 from crosscoders.errors import ConfigError
@@ -74,6 +79,8 @@ class DiffingBenchConfig(Config):
     preset: str = "minder"
     match_threshold: float = 0.9
     rule: TrulyExclusiveRule = dataclasses.field(default_factory=TrulyExclusiveRule)
+    #: the graded view scored by graded_scores (None: preset labels only)
+    graded: GradedConfig | None = dataclasses.field(default_factory=GradedConfig)
     seed: int = 0
 
     def validate(self) -> None:
@@ -138,6 +145,95 @@ def _source_nearest(W_FSD: torch.Tensor, dirs_PSD: torch.Tensor, source: int
     return cos.argmax(1).numpy(), cos.max(1).values.numpy()
 
 
+#: planted kinds whose strength is the same in both models (the null of the graded view)
+UNCHANGED = ("shared", "shared_rotated")
+#: planted kinds whose strength differs between the models (leaning is the right call)
+CHANGED = ("shared_shifted", "shared_weaker")
+
+
+@dataclasses.dataclass
+class GradedScore:
+    """The graded categories against the planted strength changes.
+
+    Planted features count when their matched latent (Hungarian, concatenated decoder
+    cosine above the threshold) fired. A changed feature is *found* when its latent is
+    leaning or exclusive towards the model where the feature is stronger, *wrong* when
+    towards the other. An unchanged feature is *flagged* when its latent is leaning or
+    exclusive. Discoveries are the latents labelled leaning; a discovery is false when its
+    nearest planted feature (cosine above the threshold) is unchanged or changed the other
+    way, and unexplained when no planted feature is that close (a split or mixed latent);
+    ``n_unexplained_same_way`` of those lean the way their nearest planted feature changed.
+    """
+
+    fdr: float
+    changed: dict[str, dict[str, int]]  # kind -> n, found, wrong
+    n_unchanged: int
+    n_unchanged_flagged: int
+    n_exclusive: int
+    n_exclusive_kept: int  # exclusive planted features still labelled exclusive
+    n_discoveries: int
+    n_false: int
+    n_unexplained: int
+    n_unexplained_same_way: int
+
+    @property
+    def unchanged_flag_rate(self) -> float:
+        return self.n_unchanged_flagged / self.n_unchanged if self.n_unchanged else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "unchanged_flag_rate": self.unchanged_flag_rate}
+
+
+def _side(category: str) -> int:
+    """+1 chat side, -1 base side, 0 neither."""
+    if category in ("chat_leaning", "chat_only"):
+        return 1
+    if category in ("base_leaning", "base_only"):
+        return -1
+    return 0
+
+
+def graded_scores(categories: np.ndarray, alive: np.ndarray, data: PlantedData, match: Any,
+                  fdr: float) -> GradedScore:
+    """Score graded ``categories`` [F] (alive latents only) against ``data``'s truth."""
+    cats = np.asarray(categories).astype(str)
+    kinds = np.asarray(data.kinds)
+    with np.errstate(divide="ignore"):
+        log_ratio_P = np.log(data.strength_ratio)
+    changed = {k: {"n": 0, "found": 0, "wrong": 0} for k in CHANGED if k in kinds}
+    n_unch = n_unch_flag = n_excl = n_excl_kept = 0
+    for p, (kind, latent) in enumerate(zip(kinds, match.latent_P)):
+        if latent < 0 or not match.recovered_P[p] or not alive[latent]:
+            continue
+        side = _side(cats[latent])
+        if kind in changed:
+            changed[kind]["n"] += 1
+            changed[kind]["found"] += int(side == np.sign(log_ratio_P[p]))
+            changed[kind]["wrong"] += int(side == -np.sign(log_ratio_P[p]))
+        elif kind in UNCHANGED:
+            n_unch += 1
+            n_unch_flag += int(side != 0)
+        elif kind in EXCLUSIVE:
+            n_excl += 1
+            n_excl_kept += int(cats[latent] == kind)
+    leaning = alive & np.isin(cats, ("chat_leaning", "base_leaning"))
+    explained = match.nearest_cos_F > match.threshold
+    nearest = match.nearest_F
+    n_false = n_unexplained = n_same = 0
+    for i in np.flatnonzero(leaning):
+        if not explained[i]:
+            n_unexplained += 1
+            n_same += int(_side(cats[i]) == np.sign(log_ratio_P[nearest[i]]))
+        elif kinds[nearest[i]] not in CHANGED or _side(cats[i]) != np.sign(
+                log_ratio_P[nearest[i]]):
+            n_false += 1
+    return GradedScore(fdr=fdr, changed=changed, n_unchanged=n_unch,
+                       n_unchanged_flagged=n_unch_flag, n_exclusive=n_excl,
+                       n_exclusive_kept=n_excl_kept, n_discoveries=int(leaning.sum()),
+                       n_false=n_false, n_unexplained=n_unexplained,
+                       n_unexplained_same_way=n_same)
+
+
 @dataclasses.dataclass
 class LabelScore:
     """Scores of one labelling of one crosscoder."""
@@ -169,9 +265,10 @@ def _score_labels(labels: np.ndarray, alive: np.ndarray, W_FSD: torch.Tensor,
 
 
 def with_latent_scaling(df: Any) -> np.ndarray:
-    """Labels after Latent Scaling: exclusive latents that are not truly exclusive (or were
-    not scaled) become ``shared``."""
-    labels = df["category"].to_numpy().astype(object)
+    """The preset's labels after Latent Scaling: exclusive latents that are not truly
+    exclusive (or were not scaled) become ``shared``."""
+    column = "preset_category" if "preset_category" in df else "category"
+    labels = df[column].to_numpy().astype(object)
     truly = {"chat_only": df["truly_chat_only"].to_numpy(),
              "base_only": df["truly_base_only"].to_numpy()}
     for label in EXCLUSIVE:
@@ -208,12 +305,13 @@ def run_diffing_benchmark(cfg: DiffingBenchConfig | None = None, progress: bool 
         model = train(model_cfg, data.acts_NSD, TrainConfig(**tkw)).eval()
         seconds = time.perf_counter() - start
         table = latent_table(model, data.acts_NSD, preset=cfg.preset, rule=cfg.rule,
-                             latent_scaling="auto", progress=progress)
+                             latent_scaling="auto", progress=progress, graded=cfg.graded)
         df = table.df
         alive = df["freq"].to_numpy() > 0
         W = normalised_decoder(model)
         match = match_latents(W, data.directions_PSD, threshold=cfg.match_threshold)
-        plain = _score_labels(df["category"].to_numpy().astype(str), alive, W, data, match)
+        preset_labels = df["preset_category" if cfg.graded else "category"].to_numpy()
+        plain = _score_labels(preset_labels.astype(str), alive, W, data, match)
         scaled = _score_labels(with_latent_scaling(df), alive, W, data, match)
         out["results"][activation] = {
             "fvu": table.summary["fvu"],
@@ -224,6 +322,11 @@ def run_diffing_benchmark(cfg: DiffingBenchConfig | None = None, progress: bool 
             "latent_scaling": table.summary.get("latent_scaling"),
             "labels": {"rel_norm": _to_dict(plain), "latent_scaling": _to_dict(scaled)},
         }
+        if cfg.graded is not None:
+            out["results"][activation]["graded"] = graded_scores(
+                df["category"].to_numpy(), alive, data, match, cfg.graded.fdr).to_dict()
+            out["results"][activation]["graded_counts"] = {
+                k: v for k, v in table.summary["counts"].items() if v}
     return out
 
 
@@ -276,6 +379,20 @@ def format_diffing_table(result: dict[str, Any]) -> str:
             for label in EXCLUSIVE:
                 origin = ", ".join(f"{k} {n}" for k, n in sorted(lab["origin"][label].items()))
                 lines.append(f"  {act:<10} {name:<14} {label:<9}: {origin or '-'}")
+    graded = {a: r["graded"] for a, r in result["results"].items() if r.get("graded")}
+    if graded:
+        fdr = next(iter(graded.values()))["fdr"]
+        lines += ["", f"graded view (leaning: relative norm beyond the empirical null, FDR "
+                      f"{fdr:g}; planted features whose latent fired)"]
+        for act, g in graded.items():
+            changed = ", ".join(f"{k} {v['found']}/{v['n']} found ({v['wrong']} wrong way)"
+                                for k, v in g["changed"].items())
+            lines.append(
+                f"  {act:<10} {changed}; unchanged flagged {g['n_unchanged_flagged']}/"
+                f"{g['n_unchanged']}; exclusive kept {g['n_exclusive_kept']}/"
+                f"{g['n_exclusive']}; leaning latents {g['n_discoveries']} (false "
+                f"{g['n_false']}, unexplained {g['n_unexplained']}, of which "
+                f"{g['n_unexplained_same_way']} lean the way their nearest feature changed)")
     lines += ["", "Latent Scaling medians (chat-only latents vs random shared control)"]
     for act, res in result["results"].items():
         ls = res["latent_scaling"] or {}
@@ -296,6 +413,9 @@ def add_bench_diffing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shared-latents", type=int,
                         help="designated shared latents (tied decoders, reduced L1)")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
+    parser.add_argument("--shifted", type=int,
+                        help="also plant N shared features 20-70%% stronger in one model "
+                             "(scored by the graded view)")
     parser.add_argument("--preset", choices=["anthropic", "kissane", "minder"],
                         help="category thresholds (default: minder)")
     parser.add_argument("--config", help="YAML/JSON DiffingBenchConfig (flags override it)")
@@ -320,9 +440,13 @@ def bench_diffing_from_args(args: argparse.Namespace) -> int:
         changes["n_shared_latents"] = args.shared_latents
     if args.preset:
         changes["preset"] = args.preset
+    planted = {}
     if args.seed:
-        changes["seed"] = args.seed
-        changes["planted"] = cfg.planted.replace(seed=args.seed)
+        changes["seed"] = planted["seed"] = args.seed
+    if args.shifted is not None:
+        planted["n_shared_shifted"] = args.shifted
+    if planted:
+        changes["planted"] = cfg.planted.replace(**planted)
     cfg = cfg.replace(**changes)
     result = run_diffing_benchmark(cfg, progress=args.progress)
     print(format_diffing_table(result))
@@ -335,9 +459,11 @@ __all__ = [
     "DECOUPLED",
     "KIND_TO_CATEGORY",
     "DiffingBenchConfig",
+    "GradedScore",
     "add_bench_diffing_arguments",
     "bench_diffing_from_args",
     "format_diffing_table",
+    "graded_scores",
     "make_diffing_data",
     "run_diffing_benchmark",
     "with_latent_scaling",

@@ -29,10 +29,11 @@ import torch
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CategoryThresholds
 from crosscoders.diff.examples import ExampleCollector, save_examples
+from crosscoders.diff.graded import GradedConfig, leaning_candidates
 from crosscoders.diff.latent_scaling import TrulyExclusiveRule
 from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.stats import HeadRows, StoreRows, as_rows
-from crosscoders.diff.table import latent_table, resolve_source
+from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write_text, ensure_dir
 
@@ -49,7 +50,11 @@ class DiffConfig(Config):
     latent_scaling: str = "auto"  # auto | all | none
     max_ls_latents: int | None = None
     rule: TrulyExclusiveRule = dataclasses.field(default_factory=TrulyExclusiveRule)
-    examples: str = "exclusive"  # exclusive (every latent not labelled shared) | all | none
+    #: the graded view: leaning categories, dead/rare latents, scores (None: preset only)
+    graded: GradedConfig | None = dataclasses.field(default_factory=GradedConfig)
+    #: exclusive: latents the preset does not call shared, plus the graded.max_leaning most
+    #: leaning candidates per side (kept if they come out leaning) | all | none
+    examples: str = "exclusive"
     n_top: int = 10
     n_samples: int = 10
     window_before: int = 16
@@ -156,11 +161,17 @@ def run_diff(
     preset = cfg.thresholds or cfg.preset
 
     # 1. the latent table, with examples riding on the same pass
-    weights = latent_table(model, None, base=b, chat=c, preset=preset)
-    collector = None
+    weights = latent_table(model, None, base=b, chat=c, preset=preset, graded=None)
+    collector, candidates = None, np.empty(0, np.int64)
     if cfg.examples != "none":
         cats = weights.df["category"].to_numpy()
-        latents = None if cfg.examples == "all" else np.flatnonzero(cats != "shared")
+        latents = None
+        if cfg.examples == "exclusive":
+            if cfg.graded is not None:
+                w = {k: weights.df[k].to_numpy() for k in weights.df.columns}
+                candidates = np.concatenate(leaning_candidates(
+                    w, cfg.graded, designated_latents(model, b, c)))
+            latents = np.union1d(np.flatnonzero(cats != "shared"), candidates)
         collector = ExampleCollector(model.dict_size, latents, cfg.n_top, cfg.n_samples, cfg.seed)
     data_for_pass = _limit(rows, cfg.max_tokens)
     table = latent_table(
@@ -168,7 +179,7 @@ def run_diff(
         special_ids=_special_ids(cfg, manifest), latent_scaling=cfg.latent_scaling,
         rule=cfg.rule, max_ls_latents=cfg.max_ls_latents, seed=cfg.seed,
         batch_size=cfg.batch_size, progress=cfg.progress,
-        extra_consumers=(collector,) if collector is not None else (),
+        extra_consumers=(collector,) if collector is not None else (), graded=cfg.graded,
     )
     table.summary["data"] = store.describe() if store is not None else {"kind": "tensor"}
     table.save(out)
@@ -178,10 +189,19 @@ def run_diff(
     if models:
         loaded, tokenizer = _load_models(models, cfg.device)
     if collector is not None:
+        keep = None
+        if cfg.examples == "exclusive":  # a candidate keeps its examples if it is leaning
+            keep = np.flatnonzero(table.df["category"].to_numpy() != "shared")
         recs = collector.finish(model, data_for_pass, cfg.window_before, cfg.window_after,
-                                tokenizer, cfg.batch_size)
+                                tokenizer, cfg.batch_size, latents=keep)
         save_examples(recs, out / "examples.db", {"sources": summary["sources"]})
-        summary["examples"] = {"file": "examples.db", "n": len(recs)}
+        summary["examples"] = {
+            "file": "examples.db", "n": len(recs),
+            "n_latents": len({r["latent"] for r in recs}),
+            "collected_for": cfg.examples if cfg.examples != "exclusive" else
+            "latents the preset does not call shared, and of the "
+            f"{len(candidates)} most leaning candidates those that came out leaning",
+        }
 
     # 2. holistic baselines that need only the activations
     sim_rows, sim_cols = _similarity_sources(store_sources, b, c)

@@ -397,12 +397,14 @@ class ActivationStats:
             self.special_count_F += torch.bincount(i_E[hit_E], minlength=F_)
 
     def per_latent(self) -> dict[str, np.ndarray]:
-        """Columns: ``freq``, ``mean_act`` (over firing tokens), ``max_act``, ``special_share``
-        (share of the latent's firings on special tokens; NaN without token ids)."""
+        """Columns: ``n_fires`` (tokens on which the latent fired), ``freq``, ``mean_act``
+        (over firing tokens), ``max_act``, ``special_share`` (share of the latent's firings
+        on special tokens; NaN without token ids)."""
         count = self.count_F.double()
         fired = count > 0
         mean = torch.where(fired, self.sum_F / count.clamp_min(1), torch.zeros_like(count))
         out = {
+            "n_fires": self.count_F.numpy().copy(),
             "freq": (count / max(self.n, 1)).numpy(),
             "mean_act": mean.numpy(),
             "max_act": self.max_F.numpy(),

@@ -4,13 +4,18 @@ Columns (norms in normalised units, ``Crosscoder.decoder_norms``):
 
 - ``latent``, ``norm_base``, ``norm_chat``, ``rel_norm`` (``n_chat / (n_base + n_chat)``),
   ``dnorm`` (Minder's ``0.5 * (1 + (n_chat - n_base) / max)``, oriented 1 = chat-only),
-  ``category`` under the chosen preset or thresholds, ``dec_cos`` (also as ``cos``, the
-  name DESIGN.md promises), ``enc_cos``;
-- with data: ``freq``, ``mean_act`` (over firing tokens), ``max_act``, ``special_share``;
+  ``category``: the graded view (``crosscoders.diff.graded``): the preset's label, with
+  ``chat_leaning`` / ``base_leaning`` for latents whose relative norm lies beyond the null
+  at the chosen FDR, and ``dead`` / ``rare`` for latents that (nearly) never fired;
+  ``preset_category`` the preset's label alone; ``rel_norm_z``, ``rel_norm_p``,
+  ``rel_norm_q``, ``diff_score``; ``dec_cos`` (also as ``cos``), ``enc_cos``;
+- with data: ``n_fires``, ``freq``, ``mean_act`` (over firing tokens), ``max_act``,
+  ``special_share``;
 - with Latent Scaling: ``beta_{base,chat}_{recon,err}``, ``nu_r``, ``nu_eps``, ``ls_ref``
   (the reference source: chat for chat-only latents and the shared control, base for
   base-only latents, mirrored), ``truly_exclusive``, ``truly_chat_only``,
-  ``truly_base_only``. Latents outside the subset have NaN betas.
+  ``truly_base_only``, and ``nu_r_z``, ``nu_eps_z``, ``ls_q`` (the ratios against the
+  shared control). Latents outside the subset have NaN betas.
 
 The column names use the source names given as ``base_name`` / ``chat_name`` only in the
 summary; the table always says ``base`` and ``chat`` so that notebooks can rely on them.
@@ -33,6 +38,14 @@ from crosscoders.diff.categories import (
     labels_from_scores,
     minder_norm_diff,
     relative_norm,
+)
+from crosscoders.diff.graded import (
+    DEFAULT_GRADED,
+    GRADED_CATEGORIES,
+    GradedConfig,
+    grade,
+    leaning_candidates,
+    ls_scores,
 )
 from crosscoders.diff.latent_scaling import (
     LatentScalingAccumulator,
@@ -100,6 +113,18 @@ def weight_columns(
     }
 
 
+def designated_latents(model: Any, base: int, chat: int) -> np.ndarray:
+    """[F] bool: latents whose base/chat norm ratio is fixed by design (designated shared
+    latents with tied decoders, latents masked off either source)."""
+    F_ = int(model.dict_size)
+    fixed = np.arange(F_) < int(getattr(model.config, "n_shared_latents", 0) or 0)
+    mask = getattr(model, "dec_mask_FS", None)
+    if mask is not None:
+        mask = mask.detach().cpu().numpy()
+        fixed |= (mask[:, base] == 0) | (mask[:, chat] == 0)
+    return fixed
+
+
 def _cosine(a_FD: torch.Tensor, b_FD: torch.Tensor) -> np.ndarray:
     a, b = a_FD.double(), b_FD.double()
     denom = a.norm(dim=-1) * b.norm(dim=-1)
@@ -161,16 +186,20 @@ def latent_table(
     batch_size: int = 4096,
     progress: bool = True,
     extra_consumers: tuple = (),
+    graded: GradedConfig | None = DEFAULT_GRADED,
 ) -> LatentTable:
     """Build the latent table; with ``data`` everything comes from one pass over it.
 
     ``data``: a tensor [N, S, D] (``token_ids`` [N] optional), an ``ActivationStore`` or a
     store directory; None gives the weight columns only. ``latent_scaling``: ``"auto"``
-    (chat-only latents with a size-matched random shared control, referenced to chat, and
-    base-only latents referenced to base), ``"all"`` (every latent, referenced to chat),
-    ``"none"``, or an array of latent indices (referenced to chat). ``max_ls_latents`` caps
-    each exclusive set (the most exclusive first). ``extra_consumers`` ride on the same pass
-    (e.g. an examples collector).
+    (chat-only latents with a random shared control of the same size, at least 100,
+    referenced to chat; base-only latents referenced to base; and with ``graded`` the
+    ``graded.max_leaning`` most chat- and base-leaning candidates per side, referenced to
+    their stronger side), ``"all"`` (every latent, referenced to chat), ``"none"``, or an
+    array of latent indices (referenced to chat). ``max_ls_latents`` caps each exclusive set
+    (the most exclusive first). ``extra_consumers`` ride on the same pass (e.g. an examples
+    collector). ``graded``: the graded view (``crosscoders.diff.graded``; None: the preset's
+    labels alone, as ``category``).
     """
     import pandas as pd
 
@@ -187,15 +216,23 @@ def latent_table(
             "dnorm": "0.5 * (1 + (n_chat - n_base) / max(n_base, n_chat)): 1 chat-only",
             "category_uses": thresholds.convention,
         },
-        "counts": {k: int((cols["category"] == k).sum()) for k in CATEGORIES},
         "n_latents": int(model.dict_size),
     }
+    fixed = designated_latents(model, b, c)
     if data is None:
+        if graded is not None:
+            new, summary["graded"] = grade(cols, None, graded, fixed)
+            cols.update(new)
+        _add_counts(summary, cols, graded)
         return LatentTable(pd.DataFrame(cols), summary)
 
     rows = as_rows(data, token_ids)
     stats = ActivationStats(model.dict_size, model.n_sources, model.d_model, special_ids)
-    ls_runs = _latent_scaling_runs(cols, latent_scaling, max_ls_latents, seed)
+    candidates = (leaning_candidates(cols, graded, fixed) if graded is not None
+                  and isinstance(latent_scaling, str) and latent_scaling == "auto"
+                  else (np.empty(0, np.int64), np.empty(0, np.int64)))
+    ls_runs = _latent_scaling_runs(cols, latent_scaling, max_ls_latents, seed, candidates,
+                                   min_control=100 if graded is not None else 0)
     accs = [
         (
             LatentScalingAccumulator(
@@ -218,17 +255,41 @@ def latent_table(
     rec = stats.summary()
     rec["fvu"] = {names[s]: v for s, v in enumerate(rec["fvu"])}
     summary.update(rec)
-    summary["alive_counts"] = {
-        k: int(((cols["category"] == k) & (cols["freq"] > 0)).sum()) for k in CATEGORIES
-    }
+    if graded is not None:
+        new, summary["graded"] = grade(cols, cols["n_fires"], graded, fixed)
+        cols.update(new)
+    _add_counts(summary, cols, graded)
     if ls_runs:
         _add_latent_scaling(cols, [(a.result(), ref) for a, ref in accs], rule)
-        summary["latent_scaling"] = _ls_summary(cols, rule, latent_scaling)
+        control = (cols["category"] == "shared") & (cols["ls_ref"] == "chat") & ~np.isin(
+            cols["latent"], np.concatenate(candidates))
+        summary["latent_scaling"] = _ls_summary(cols, rule, latent_scaling, control)
+        if graded is not None:
+            new, summary["latent_scaling"]["null"] = ls_scores(cols, control, graded.fdr)
+            cols.update(new)
+            summary["latent_scaling"]["n_leaning_candidates"] = {
+                "chat": int(len(candidates[0])), "base": int(len(candidates[1]))}
     return LatentTable(pd.DataFrame(cols), summary)
 
 
+def _add_counts(summary: dict[str, Any], cols: dict[str, np.ndarray],
+                graded: GradedConfig | None) -> None:
+    """``counts`` (every category of ``category``), ``preset_counts`` (the preset's labels
+    alone) and, with data, ``alive_counts`` (latents that fired)."""
+    names = GRADED_CATEGORIES if graded is not None else CATEGORIES
+    summary["counts"] = {k: int((cols["category"] == k).sum()) for k in names}
+    preset = cols.get("preset_category", cols["category"])
+    summary["preset_counts"] = {k: int((preset == k).sum()) for k in CATEGORIES}
+    if "freq" in cols:
+        summary["alive_counts"] = {
+            k: int(((cols["category"] == k) & (cols["freq"] > 0)).sum()) for k in names
+        }
+
+
 def _latent_scaling_runs(
-    cols: dict[str, np.ndarray], spec: Any, max_latents: int | None, seed: int
+    cols: dict[str, np.ndarray], spec: Any, max_latents: int | None, seed: int,
+    candidates: tuple[np.ndarray, np.ndarray] = (np.empty(0, np.int64), np.empty(0, np.int64)),
+    min_control: int = 0,
 ) -> list[tuple[np.ndarray, str]]:
     if isinstance(spec, str):
         if spec == "none":
@@ -239,14 +300,22 @@ def _latent_scaling_runs(
             raise ConfigError(
                 f"latent_scaling={spec!r}: use 'auto', 'all', 'none' or an array of latents"
             )
-        cats = cols["category"]
+        cats = np.asarray(cols["category"]).astype(object).copy()
+        cats[np.concatenate(candidates)] = "candidate"  # never in the shared control
+        n_chat = int((cats == "chat_only").sum())
+        if max_latents is not None:
+            n_chat = min(n_chat, max_latents)
+        n_control = max(n_chat, min_control) if len(np.concatenate(candidates)) or n_chat \
+            else 0
         chat, control = pick_latents(
-            cats, "chat_only", max_latents=max_latents, seed=seed, score=cols["rel_norm"]
+            cats, "chat_only", n_control=n_control, max_latents=max_latents, seed=seed,
+            score=cols["rel_norm"],
         )
         base, _ = pick_latents(
             cats, "base_only", max_latents=max_latents, seed=seed, score=-cols["rel_norm"]
         )
-        return [(np.union1d(chat, control), "chat"), (base, "base")]
+        return [(np.union1d(np.union1d(chat, control), candidates[0]), "chat"),
+                (np.union1d(base, candidates[1]), "base")]
     return [(np.unique(np.asarray(spec, dtype=np.int64)), "chat")]
 
 
@@ -279,10 +348,10 @@ def _add_latent_scaling(cols: dict[str, np.ndarray], results: list, rule: Any) -
     )
 
 
-def _ls_summary(cols: dict[str, np.ndarray], rule: Any, spec: Any) -> dict[str, Any]:
+def _ls_summary(cols: dict[str, np.ndarray], rule: Any, spec: Any,
+                control: np.ndarray) -> dict[str, Any]:
     rule = rule or TrulyExclusiveRule()
     cat, ref = cols["category"], cols["ls_ref"]
-    control = (cat == "shared") & (ref == "chat")
 
     def med(mask: np.ndarray, name: str) -> float | None:
         vals = cols[name][mask]

@@ -11,6 +11,9 @@ Layout of the embedded data, chosen so that a 16k-latent report opens fast:
   beyond reading the text.
 
 The plots are inline SVG drawn by ``static/report.js`` in the browser, from the table.
+With the graded view (``crosscoders.diff.graded``) the relative-norm plot shades the null
+band (``summary.graded.band``), dead and rare latents are left out of the category plots
+unless the reader asks for them, and the feature browser opens sorted by ``diff_score``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ ROLE_ALIASES: dict[str, tuple[str, ...]] = {
     "nu_r": ("nu_r",),
     "nu_eps": ("nu_eps",),
     "truly_chat_only": ("truly_chat_only",),
+    "diff_score": ("diff_score",),
 }
 # Shown first, in this order, when present; other columns follow in table order.
-PREFERRED_COLUMNS = ("latent", "category", "top_act_tokens", "promotes") + tuple(
-    name for names in ROLE_ALIASES.values() for name in names
-)
-CATEGORY_ORDER = ("base_only", "shared", "chat_only", "other")
+PREFERRED_COLUMNS = tuple(dict.fromkeys(
+    ("latent", "category", "diff_score", "top_act_tokens", "promotes")
+    + tuple(name for names in ROLE_ALIASES.values() for name in names)
+))
+# Categories in the order of the relative-norm axis; latents that (nearly) never fired last.
+CATEGORY_ORDER = ("base_only", "base_leaning", "shared", "chat_leaning", "chat_only", "other",
+                  "rare", "dead")
 _TOKEN_MARKERS = {"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"}
 
 

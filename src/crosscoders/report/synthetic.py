@@ -32,18 +32,29 @@ def synthetic_report_data(
     """
     rng = np.random.default_rng(seed)
     F = n_latents
-    category = rng.choice(["shared", "chat_only", "base_only", "other"], size=F,
-                          p=[0.86, 0.04, 0.03, 0.07])
-    r = np.clip(rng.normal(0.5, 0.06, F), 0.2, 0.8)
+    category = rng.choice(["shared", "chat_only", "base_only", "other", "chat_leaning",
+                           "base_leaning", "rare", "dead"], size=F,
+                          p=[0.74, 0.04, 0.03, 0.05, 0.04, 0.03, 0.03, 0.04])
+    r = np.clip(rng.normal(0.5, 0.015, F), 0.46, 0.54)
     r[category == "chat_only"] = rng.uniform(0.91, 1.0, (category == "chat_only").sum())
     r[category == "base_only"] = rng.uniform(0.0, 0.09, (category == "base_only").sum())
     other = category == "other"
     r[other] = np.where(rng.random(other.sum()) < 0.5, rng.uniform(0.12, 0.4, other.sum()),
                         rng.uniform(0.6, 0.88, other.sum()))
+    for name, lo, hi in (("chat_leaning", 0.55, 0.75), ("base_leaning", 0.25, 0.45)):
+        r[category == name] = rng.uniform(lo, hi, (category == name).sum())
+    untrained = np.isin(category, ["rare", "dead"])
+    r[untrained] = 0.5 + rng.normal(0, 0.002, untrained.sum())
     total = rng.lognormal(0.0, 0.3, F)
     n_chat, n_base = r * total, (1 - r) * total
     cos = np.where(category == "shared", 1 - rng.beta(1.2, 12, F), rng.uniform(-0.2, 0.9, F))
     freq = 10 ** rng.normal(-3.0, 0.7, F)
+    freq[category == "dead"] = 0.0
+    freq[category == "rare"] = 1e-7
+    # the graded view's score: null SDs from the centre (sd 0.015 in rel_norm here)
+    diff_score = np.abs(r - 0.5) / 0.015
+    diff_score[untrained] = np.nan
+    q = np.clip(2 * np.exp(-(diff_score**2) / 2) * F / 2000, 0, 1)
     max_act = rng.lognormal(1.2, 0.5, F)
     nu_r = np.full(F, np.nan)
     nu_eps = np.full(F, np.nan)
@@ -55,6 +66,7 @@ def synthetic_report_data(
         "latent": np.arange(F), "category": category, "rel_norm": r, "cos": cos,
         "n_base": n_base, "n_chat": n_chat, "freq": freq, "max_act": max_act,
         "nu_r": nu_r, "nu_eps": nu_eps, "truly_chat_only": truly,
+        "diff_score": diff_score, "rel_norm_q": q,
     }
 
     with_examples = set(range(min(n_with_examples, F))) | set(np.flatnonzero(category ==
@@ -110,7 +122,11 @@ def synthetic_report_data(
     }
     counts = {c: int((category == c).sum()) for c in np.unique(category)}
     summary = {"preset": "anthropic", "convention": "rel_norm", "n_latents": F,
-               "counts": counts, "n_truly_chat_only": int(truly.sum())}
+               "counts": counts, "n_truly_chat_only": int(truly.sum()),
+               "graded": {"fdr": 0.05, "min_fires": 10, "band": [0.455, 0.545],
+                          "z_threshold": 3.0, "n_tested": int((~untrained).sum()),
+                          "n_chat_leaning": counts.get("chat_leaning", 0),
+                          "n_base_leaning": counts.get("base_leaning", 0)}}
     similarity = {"cka": {"resid_out:13": 0.962}, "svcca": {"resid_out:13": 0.911}}
     lens = [
         {"position": p, "norm": float(3.0 / (p + 1)),

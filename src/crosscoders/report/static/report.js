@@ -13,12 +13,18 @@
   const ROLE = D.roles || {};
   const R = Object.fromEntries(Object.entries(ROLE).map(([k, v]) => [k, TV[v]]));
   const ROW_OF = new Map(IDS.map((id, row) => [id, row]));
-  const CAT_NAMES = { base_only: "base-only", shared: "shared", chat_only: "chat-only",
-    other: "other" };
+  const CAT_NAMES = { base_only: "base-only", base_leaning: "base-leaning", shared: "shared",
+    chat_leaning: "chat-leaning", chat_only: "chat-only", other: "other", rare: "rare",
+    dead: "dead" };
   const css = getComputedStyle(document.documentElement);
   const cvar = (name) => css.getPropertyValue(name).trim();
-  const CAT_COLOR = { base_only: cvar("--base"), shared: cvar("--shared"),
-    chat_only: cvar("--chat"), other: cvar("--other") };
+  const CAT_COLOR = { base_only: cvar("--base"), base_leaning: cvar("--base-lean"),
+    shared: cvar("--shared"), chat_leaning: cvar("--chat-lean"), chat_only: cvar("--chat"),
+    other: cvar("--other"), rare: cvar("--rare"), dead: cvar("--dead") };
+  // Latents that (nearly) never fired keep their random initial decoders: they are counted
+  // apart and left out of the category plots unless the reader asks for them.
+  const UNTRAINED = new Set(["rare", "dead"]);
+  const GRADED = (D.summary || {}).graded || null;
   const PALETTE = ["#3b82f6", "#f2762e", "#14a38b", "#a855f7", "#e11d48", "#64748b"];
   const catColor = (c, i) => CAT_COLOR[c] || PALETTE[(i || 0) % PALETTE.length];
   const SVGNS = "http://www.w3.org/2000/svg";
@@ -202,6 +208,15 @@
     const logY = !!opts.logY;
     const fr = frame(domain, logY ? [0.8, maxC * 1.3] : [0, maxC * 1.05],
       { logY, xLabel: opts.xLabel, yLabel: opts.yLabel || "latents", aria: opts.aria });
+    if (opts.band) { // the null band, behind the bars
+      const lo = Math.max(domain[0], opts.band[0]); const hi = Math.min(domain[1], opts.band[1]);
+      if (hi > lo) {
+        const r = s("rect", { class: "band", x: fr.x(lo), y: M.t, width: fr.x(hi) - fr.x(lo),
+          height: fr.height - M.b - M.t }, fr.svg);
+        r.addEventListener("mousemove", (ev) => showTip(ev, opts.bandTip || "null band"));
+        r.addEventListener("mouseleave", hideTip);
+      }
+    }
     const base = fr.y.range[0];
     for (let b = 0; b < bins; b++) {
       if (!totals[b]) continue;
@@ -455,6 +470,17 @@
       grid.append(panel("Diffing summary", null, kvList(D.summary, 16),
         rawJson("full summary", D.summary)));
     }
+    if (GRADED) {
+      const g = GRADED;
+      const shown = { "FDR": g.fdr, "latents tested": g.n_tested,
+        "chat-leaning": g.n_chat_leaning, "base-leaning": g.n_base_leaning,
+        "null band (rel norm)": Array.isArray(g.band) ? g.band.map((v) => fmt(v)).join(" – ")
+          : null,
+        "dead": g.n_dead, "rare": g.n_rare, "note": g.note };
+      grid.append(panel("Graded view", "relative norm against an empirical null fitted to " +
+        "the tested latents; leaning = beyond it at the FDR", kvList(Object.fromEntries(
+        Object.entries(shown).filter(([, v]) => v != null)))));
+    }
     sec.append(grid);
     if (Object.keys(D.config || {}).length) sec.append(rawJson("full run configuration", D.config));
     root.append(sec);
@@ -504,20 +530,55 @@
   function renderDiffing(root) {
     const sec = h("section", { id: "diffing" }, h("h2", {}, "Diffing"));
     const grid = h("div", { class: "grid wide" });
-    const cats = D.categories;
-    const colors = cats.map((c, i) => catColor(c, i));
+    const counts = categoryCounts();
+    const nUntrained = [...UNTRAINED].reduce((n, c) => n + (counts[c] || 0), 0);
+    let showUntrained = false;
+    if (nUntrained) {
+      const text = h("span", { class: "note" });
+      const btn = h("button", { type: "button", class: "chip", id: "untrained-toggle" });
+      const label2 = () => {
+        text.textContent = `${(counts.dead || 0).toLocaleString("en-US")} dead and ` +
+          `${(counts.rare || 0).toLocaleString("en-US")} rare latents (fired fewer than ` +
+          `${(GRADED && GRADED.min_fires) || "a few"} times) keep random decoders: ` +
+          (showUntrained ? "shown in the plots." : "left out of the plots below.");
+        btn.textContent = showUntrained ? "hide them" : "show them";
+      };
+      btn.addEventListener("click", () => {
+        showUntrained = !showUntrained; label2(); grid.replaceChildren(); drawDiffing(grid,
+          showUntrained);
+      });
+      label2();
+      sec.append(h("div", { class: "toolbar" }, text, btn));
+    }
+    drawDiffing(grid, showUntrained);
+    sec.append(grid);
+    root.append(sec);
+  }
+  function drawDiffing(grid, showUntrained) {
+    const cats = D.categories.filter((c) => showUntrained || !UNTRAINED.has(c));
+    const colors = cats.map((c) => catColor(c, D.categories.indexOf(c)));
     const cat = TV.category;
     const scoreCol = R.rel_norm ? ROLE.rel_norm : (R.dnorm ? ROLE.dnorm : null);
     if (scoreCol) {
+      const band = scoreCol === ROLE.rel_norm && GRADED && Array.isArray(GRADED.band) &&
+        GRADED.band.every(isNum) ? GRADED.band : null;
+      const margin = isNum(GRADED && GRADED.min_change) && GRADED.min_change > 0 ?
+        ` and a norm ratio ${fmt(100 * GRADED.min_change)}% or more from the null centre` : "";
+      const bandText = band ? `null band [${fmt(band[0])}, ${fmt(band[1])}]: a latent with ` +
+        "the median firing count is called leaning only beyond it (it needs |z| ≥ " +
+        `${fmt(GRADED.z_threshold)} null SDs at FDR ${fmt(GRADED.fdr)}${margin})` : null;
       const note = (scoreCol === "rel_norm" ? "r = n_chat / (n_base + n_chat): 0 base-only, " +
         "0.5 shared, 1 chat-only." : "Minder's dnorm: 0 base-only, 0.5 shared, 1 chat-only.") +
-        " Bars stacked by category; click a bar to list its latents.";
+        " Bars stacked by category; click a bar to list its latents." +
+        (band ? ` Shaded: the ${bandText}.` : "");
+      const items = cats.map((c, i) => ({ name: CAT_NAMES[c] || c, color: colors[i] }));
+      if (band) items.push({ name: "null band", color: cvar("--band-solid") });
       grid.append(withLogToggle("Relative decoder norm", note, (logY) => h("div", {},
         histogram({ values: TV[scoreCol], domain: [0, 1], bins: 60, groups: cat,
           groupOrder: cats, colors, logY, xLabel: label(scoreCol), aria: "relative norm",
-          guides: thresholdGuides(scoreCol),
+          guides: thresholdGuides(scoreCol), band, bandTip: bandText,
           onBin: (lo, hi) => browser.setRange(scoreCol, lo, hi) }),
-        legend(cats.map((c, i) => ({ name: CAT_NAMES[c] || c, color: colors[i] })))), true));
+        legend(items)), true));
     }
     if (R.cos) {
       const shared = [];
@@ -535,6 +596,7 @@
       const truly = R.truly_chat_only;
       for (let i = 0; i < N; i++) {
         if (!isNum(R.nu_r[i]) || !isNum(R.nu_eps[i])) continue;
+        if (!showUntrained && UNTRAINED.has(cat[i])) continue;
         const key = truly && truly[i] ? "truly chat-only" : (CAT_NAMES[cat[i]] || cat[i]);
         const g = groups[key] || (groups[key] = { name: key, xs: [], ys: [], ids: [] });
         g.xs.push(R.nu_r[i]); g.ys.push(R.nu_eps[i]); g.ids.push(IDS[i]);
@@ -565,8 +627,6 @@
         color: cvar("--chat") });
     }
     grid.append(panel("Category counts", categoryNote(), barChart(items)));
-    sec.append(grid);
-    root.append(sec);
   }
   function thresholdGuides(scoreCol) {
     const t = (D.summary && (D.summary.thresholds || D.summary)) || {};
@@ -588,6 +648,10 @@
     const parts = [];
     if (sm.preset) parts.push(`preset: ${sm.preset}`);
     if (sm.convention) parts.push(`score: ${sm.convention}`);
+    if (GRADED) {
+      parts.push(`leaning: relative norm beyond the null at FDR ${fmt(GRADED.fdr)} ` +
+        `(${fmt(GRADED.n_tested, "int")} latents tested)`);
+    }
     return parts.length ? parts.join(", ") : "labels from the latent table";
   }
 
@@ -660,10 +724,11 @@
 
   const browser = (function () {
     const ROW_H = 28;
-    const state = { cat: null, query: "", range: null, sortCol: null, sortDir: -1,
-      view: null, selected: null };
+    // Opens sorted by the diffing score (most changed first) when the table has one.
+    const state = { cat: null, query: "", range: null,
+      sortCol: COL.diff_score ? "diff_score" : null, sortDir: -1, view: null, selected: null };
     const tableCols = COLS;
-    const px = tableCols.map((c) => c.name === "latent" ? 68 : c.kind === "cat" ? 92 :
+    const px = tableCols.map((c) => c.name === "latent" ? 68 : c.kind === "cat" ? 108 :
       c.kind === "bool" ? 62 : c.kind === "text" ? 150 : c.kind === "str" ? 90 : 78);
     const template = px.map((w, i) => tableCols[i].kind === "text" ? `minmax(${w}px, 1fr)` :
       `${w}px`).join(" ");
@@ -691,6 +756,7 @@
       head = h("div", { class: "vt-head", style: `grid-template-columns:${template}` },
         tableCols.map((c) => h("div", { class: numeric(c) ? "n" : "", "data-col": c.name,
           title: `sort by ${c.name}`, onclick: () => sortBy(c.name) }, label(c.name))));
+      markSorted();
       spacer = h("div");
       rowsEl = h("div", { class: "vt-rows" });
       scroller = h("div", { class: "vt-scroll" }, spacer, rowsEl);
@@ -806,14 +872,18 @@
       if (state.sortCol === col) state.sortDir = -state.sortDir;
       else { state.sortCol = col; state.sortDir = numeric(COL[col]) || COL[col].kind ===
         "bool" ? -1 : 1; }
-      for (const el of head.children) {
-        const on = el.dataset.col === col;
-        el.classList.toggle("sorted", on);
-        el.textContent = label(el.dataset.col) + (on ? (state.sortDir < 0 ? " ↓" : " ↑") : "");
-      }
+      markSorted();
       sortView();
       scroller.scrollTop = 0;
       drawRows();
+    }
+
+    function markSorted() {
+      for (const el of head.children) {
+        const on = el.dataset.col === state.sortCol;
+        el.classList.toggle("sorted", on);
+        el.textContent = label(el.dataset.col) + (on ? (state.sortDir < 0 ? " ↓" : " ↑") : "");
+      }
     }
 
     function cell(c, row) {
