@@ -4,7 +4,10 @@ token handling and masks, and clear errors."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -29,6 +32,7 @@ from crosscoders.harvest.testing import (
     write_text_corpus,
 )
 from crosscoders.store import ActivationStore
+from crosscoders.store import format as fmt
 
 
 @pytest.fixture(scope="module")
@@ -223,17 +227,16 @@ def test_disk_full_leaves_no_complete_store_and_resumes(pair, tmp_path, monkeypa
     from crosscoders.store import writer as writer_mod
 
     real = writer_mod._save_npy
-    calls = {"n": 0}
 
     def failing(path, array):
-        calls["n"] += 1
-        if calls["n"] > 10:  # after the first shard's 10 files (2 meta + 4 x acts, stats)
+        if path.parent.name != "00000":  # every file after the first shard's
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, array)
+        return real(path, array)
 
     monkeypatch.setattr(writer_mod, "_save_npy", failing)
     with pytest.raises(CrosscodersError, match="disk full while writing shard 1 .*run the same"):
         harvest(config(pair), tmp_path / "s", progress=False)
+    assert _our_threads() == []  # the commit thread's error stopped the harvest and its threads
     assert not (tmp_path / "s" / "manifest.json").exists()
     with pytest.raises(DataError, match="incomplete"):
         ActivationStore.open(tmp_path / "s")
@@ -241,6 +244,63 @@ def test_disk_full_leaves_no_complete_store_and_resumes(pair, tmp_path, monkeypa
     resumed = harvest(config(pair), tmp_path / "s", progress=False)
     fresh = harvest(config(pair), tmp_path / "fresh", progress=False)
     assert torch.equal(resumed.rows(0, 1500), fresh.rows(0, 1500))
+
+
+def _our_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("crosscoders-")]
+
+
+@pytest.mark.parametrize("device,stats_on_device", [
+    ("cpu", None),
+    ("cpu", True),  # the accelerator path (statistics summed batch by batch), run on CPU
+    pytest.param("cuda", None, marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_background_writer_gives_the_synchronous_store(
+    pair, tmp_path, monkeypatch, device, stats_on_device
+):
+    """Tokenising thread, async copies and background commits write the very bytes of the
+    all-on-the-main-thread path; the files are np.save's bytes, the checksums those of the
+    files, the statistics the float64 sums of the stored values."""
+    from crosscoders.harvest import loop
+    from crosscoders.store.writer import shard_stats
+
+    monkeypatch.setattr(loop, "STATS_ON_DEVICE", stats_on_device)
+    cfg = config(pair, store_dtype="bfloat16", shard_tokens=100, device=device,
+                 dtype="bfloat16" if device == "cuda" else "float32")
+    background = harvest(cfg, tmp_path / "a", progress=False)
+    assert _our_threads() == []  # the harvest stopped its threads
+    with monkeypatch.context() as inline_path:
+        inline_path.setattr(loop, "WRITE_AHEAD", 0)
+        inline_path.setattr(loop, "PREFETCH_BATCHES", 0)
+        inline = harvest(cfg, tmp_path / "b", progress=False)
+    assert len(background.shards) > loop.WRITE_AHEAD + 2  # host buffers were reused
+    names = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.npy"))
+    assert names == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.npy"))
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert background.manifest == inline.manifest
+    if device == "cpu":  # the bf16 bytes are the float32 activations cast as before
+        wide = harvest(dataclasses.replace(cfg, store_dtype="float32"), tmp_path / "c",
+                       progress=False)
+        expected = fmt.to_storage(torch.from_numpy(wide.read(0, 1500)), "bfloat16")
+        np.testing.assert_array_equal(background.read(0, 1500), expected)
+    for shard in background.manifest["shards"]:
+        directory = tmp_path / "a" / "shards" / f"{shard['index']:05d}"
+        for name, info in shard["files"].items():
+            raw = (directory / name).read_bytes()
+            assert (hashlib.sha256(raw).hexdigest(), len(raw)) == (info["sha256"], info["bytes"])
+            again = io.BytesIO()
+            np.save(again, np.load(directory / name), allow_pickle=False)
+            assert again.getvalue() == raw, name
+        for s in range(4):
+            acts = np.load(directory / f"acts_{s}.npy")
+            stats, expected = np.load(directory / f"stats_{s}.npy"), shard_stats(acts, "bfloat16")
+            if device == "cpu" and stats_on_device is None:
+                np.testing.assert_array_equal(stats, expected)  # summed as before
+            else:
+                scale = float(np.abs(fmt.to_float32_numpy(acts, "bfloat16")).sum())
+                np.testing.assert_allclose(stats, expected, rtol=0, atol=1e-13 * scale)
 
 
 def test_errors_are_clear(pair, tmp_path, monkeypatch):

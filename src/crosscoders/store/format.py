@@ -17,6 +17,7 @@ raw 16-bit pattern (``uint16``) because numpy has no bfloat16.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def to_storage(x: torch.Tensor, name: str) -> np.ndarray:
     """Cast a tensor to the store dtype and return its numpy view on CPU (bf16 as uint16)."""
-    x = x.detach().to(_TORCH[name]).cpu().contiguous()
-    if name == "bfloat16":
+    return storage_numpy(x.detach().to(_TORCH[name]).cpu().contiguous())
+
+
+def storage_numpy(x: torch.Tensor) -> np.ndarray:
+    """The numpy view of a CPU tensor already in a store dtype (bf16 as its uint16 bits)."""
+    if x.dtype == torch.bfloat16:
         return x.view(torch.int16).numpy().view(np.uint16)
     return x.numpy()
 
@@ -95,6 +100,18 @@ def acts_name(source: int) -> str:
 
 def stats_name(source: int) -> str:
     return f"stats_{source}.npy"
+
+
+def npy_header(array: np.ndarray) -> bytes:
+    """The header ``np.save`` writes before the bytes of a C-contiguous ``array``."""
+    header = np.lib.format.header_data_from_array_1_0(array)
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, header)
+    except ValueError:  # a header over 64 KiB needs version 2.0, as np.save does
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, header)
+    return buf.getvalue()
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
