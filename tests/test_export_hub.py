@@ -345,6 +345,7 @@ def test_push_then_from_pretrained_gives_the_same_model_and_a_parseable_card(
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     _same_outputs(model, again, _acts(), exact=True)
+    assert seen[1:] == [] and Crosscoder.from_pretrained(run).config == model.config  # local
 
 
 def test_cli_push_to_a_subfolder(tmp_path, monkeypatch, capsys):
