@@ -268,6 +268,9 @@ def test_schedules():
     assert trainer.knobs_at(50).k == 4 and trainer.knobs_at(99).k == 4
     assert trainer.knobs_at(24).sparsity_coeff == pytest.approx(2.0)
     assert trainer.knobs_at(80).sparsity_coeff == 4.0
+    short = Trainer(Crosscoder(_cfg(k=4)), TensorSource(acts),
+                    TrainConfig(steps=1, lr=1e-3, **FAST))
+    assert short.lr_at(0) == 1e-3  # a warm-up shorter than one step never overshoots
 
 
 def test_batchtopk_threshold_is_running_mean_then_ema():

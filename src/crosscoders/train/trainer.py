@@ -143,7 +143,7 @@ class Trainer:
         c, n = self.config, self.config.steps
         warm, decay = c.lr_warmup_frac * n, c.lr_decay_frac * n
         if warm and step < warm:
-            return self.lr * (step + 1) / warm
+            return self.lr * min(1.0, (step + 1) / warm)  # warm < 1 step: no overshoot
         if decay and step >= n - decay:
             return self.lr * max(0.0, (n - step) / decay)
         return self.lr
