@@ -220,7 +220,7 @@ def fit_null(values: np.ndarray, fires: np.ndarray | None = None, clip: float = 
         if done:
             break
     keep = np.abs(x - center) <= clip * np.sqrt(floor**2 + per**2 / n)
-    # An underestimated scale inflates tail p-values more than an overestimated one deflates
+    # An underestimated scale shrinks tail p-values more than an overestimated one enlarges
     # them, so the scale is raised by one standard error of its estimate.
     inflate = 1.0 + 1.0 / math.sqrt(2.0 * max(int(keep.sum()) - 2, 1))
     return NullFit(center=center, floor=floor * inflate, per_firing=per * inflate,
