@@ -297,7 +297,7 @@ def test_background_writer_gives_the_synchronous_store(
             acts = np.load(directory / f"acts_{s}.npy")
             stats, expected = np.load(directory / f"stats_{s}.npy"), shard_stats(acts, "bfloat16")
             if device == "cpu" and stats_on_device is None:
-                np.testing.assert_array_equal(stats, expected)  # summed as before
+                np.testing.assert_array_equal(stats, expected)  # by the write threads
             else:
                 scale = float(np.abs(fmt.to_float32_numpy(acts, "bfloat16")).sum())
                 np.testing.assert_allclose(stats, expected, rtol=0, atol=1e-13 * scale)

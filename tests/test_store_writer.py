@@ -196,3 +196,13 @@ def test_background_commits_stop_drops_waiting_shards():
     blocked.join(10)
     assert recorded == []  # nothing recorded after stop; the running writes finished
     assert not stopping.is_alive() and not blocked.is_alive() and not commits._thread.is_alive()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shard_stats_are_float64_sums_of_the_stored_values(monkeypatch, dtype):
+    monkeypatch.setattr(writer_mod, "_STATS_ELEMENTS", 64)  # many blocks of rows
+    x = np.random.default_rng(2).standard_normal((301, 2, 24)).astype(np.float32) * 5
+    stored = fmt.to_storage(torch.from_numpy(x), dtype)[:, 1]  # strided, as the tests pass
+    ref = fmt.to_float32(np.ascontiguousarray(stored), dtype).double()
+    expected = np.append(ref.sum(0).numpy(), float((ref * ref).sum()))
+    np.testing.assert_allclose(shard_stats(stored, dtype), expected, rtol=1e-13, atol=1e-12)

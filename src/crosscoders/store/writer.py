@@ -50,6 +50,7 @@ T = TypeVar("T")
 # Threads writing the files of one shard (each file is written and hashed by one thread).
 WRITE_THREADS = max(1, min(8, os.cpu_count() or 1))
 _CHUNK = 1 << 22  # bytes hashed then written at a time (stays in cache between the two)
+_STATS_ELEMENTS = 1 << 20  # values summed at a time by shard_stats
 
 
 def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
@@ -75,12 +76,26 @@ def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
 
 
 def shard_stats(array: np.ndarray, dtype: str) -> np.ndarray:
-    """[D + 1] float64: the column sums of a stored [n, D] array and its sum of squares."""
-    stats = np.empty(array.shape[1] + 1, dtype=np.float64)
-    x = fmt.to_float32(array, dtype).double()
-    stats[:-1] = x.sum(0).numpy()
-    stats[-1] = float((x * x).sum())
-    return stats
+    """[D + 1] float64: the column sums of a stored [n, D] array and its sum of squares.
+
+    In numpy, a block of rows at a time: it runs on the write threads, where memory must
+    stay bounded and torch would start an OpenMP team per thread.
+    """
+    n, d = array.shape
+    sums = np.zeros(d, dtype=np.float64)
+    squares = np.zeros(d, dtype=np.float64)  # column sums of x^2
+    step = max(1, _STATS_ELEMENTS // max(d, 1))
+    x32 = np.empty((min(step, n), d), dtype=np.float32)
+    x64 = np.empty((min(step, n), d), dtype=np.float64)
+    for start in range(0, n, step):
+        rows = array[start : start + step]
+        x = fmt.to_float32_numpy(rows, dtype, out=x32[: len(rows)])
+        y = x64[: len(rows)]
+        y[...] = x
+        sums += y.sum(0)
+        np.square(y, out=y)
+        squares += y.sum(0)
+    return np.append(sums, squares.sum())
 
 
 _ABSENT = object()
