@@ -1,11 +1,14 @@
 """Harvest and store benchmark on tiny random-init models sized like the workshop ones.
 
     python benchmarks/harvest.py [--tokens 32768] [--layers 6] [--d-model 512]
-                                 [--device cuda --dtype bfloat16 --no-rss]
+                                 [--device cuda --dtype bfloat16 --no-rss] [--compare-sync]
 
 Prints, in one run: harvest throughput vs a bare forward truncated at the needed block,
 the early-stop speedup over a full forward, store read throughput vs a plain sequential
 read of the same bytes, and the peak RSS of a harvest for two token counts.
+``--compare-sync`` also times the same harvest with everything on the main thread (no
+tokenising thread, each shard committed before the next forward). ``--profile`` profiles
+the main thread only (the thread that launches the forward passes).
 """
 
 from __future__ import annotations
@@ -74,6 +77,20 @@ def _bare_truncated(root: Path, cfg: HarvestConfig, n_layers: int) -> float:
                 model(input_ids=ids, use_cache=False)
     _sync(cfg.device)
     return time.perf_counter() - start
+
+
+def _sync_harvest(root: Path, cfg: HarvestConfig) -> float:
+    """Seconds for the same harvest with tokenising and commits on the main thread."""
+    from crosscoders.harvest import loop
+
+    saved = loop.WRITE_AHEAD, loop.PREFETCH_BATCHES
+    loop.WRITE_AHEAD, loop.PREFETCH_BATCHES = 0, 0
+    try:
+        start = time.perf_counter()
+        harvest(cfg, root / "store_sync", progress=False)
+        return time.perf_counter() - start
+    finally:
+        loop.WRITE_AHEAD, loop.PREFETCH_BATCHES = saved
 
 
 def _sync(device: str) -> None:
@@ -160,6 +177,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the models' dtype")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS children")
+    parser.add_argument("--compare-sync", action="store_true",
+                        help="also time the harvest with every step on the main thread")
     parser.add_argument("--profile", action="store_true",
                         help="print where the harvest call spends its time (cProfile)")
     args = parser.parse_args()
@@ -190,6 +209,7 @@ def main() -> None:
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(35)
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(20)
+    sync = _sync_harvest(root, cfg) if args.compare_sync else None
     bare = _bare_truncated(root, cfg, args.layers)
     full, early = _early_stop(root, args)
     read_ours, read_plain = _read(root / "store")
@@ -203,6 +223,8 @@ def main() -> None:
         "harvest_tokens_per_s": round(store.n_tokens / ours),
         "bare_truncated_tokens_per_s": round(store.n_tokens / bare),
         "harvest_vs_bare_ratio": round(bare / ours, 3),
+        **({} if sync is None else {"harvest_sync_tokens_per_s": round(store.n_tokens / sync),
+                                    "sync_vs_bare_ratio": round(bare / sync, 3)}),
         "early_stop_speedup_vs_full_forward": round(full / early, 3),
         "store_read_MB_per_s": round(read_ours / 1e6),
         "plain_sequential_read_MB_per_s": round(read_plain / 1e6),
