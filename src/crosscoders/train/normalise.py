@@ -1,7 +1,7 @@
 """Per-source normalisation: one scalar per source so each has mean squared norm D.
 
-Without it the loss is dominated by the source with the largest activations (DESIGN.md
-section 3). The scalars are folded into the saved weights, see
+Without it the loss is dominated by the source with the largest activations
+(docs/training.md, "Normalisation"). The scalars are folded into the saved weights, see
 :meth:`crosscoders.Crosscoder.fold_normalisation`.
 """
 
