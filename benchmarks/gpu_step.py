@@ -26,6 +26,7 @@ import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig
 from crosscoders.train import Trainer
+from train_step import _RandomSource  # the same timing-neutral source (benchmarks/)
 
 CONFIGS = {
     "G": dict(S=2, D=2304, F=73728, B=4096, k=100),
@@ -53,30 +54,6 @@ class _Timer:
             self.sync()
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2] * 1000
-
-
-class _RandomSource:
-    """Gaussian activations: timing does not depend on the data."""
-
-    def __init__(self, S: int, D: int):
-        self.n_sources, self.d_model = S, D
-
-    def batches(self, batch_size, seed, start=0):
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            yield torch.randn(batch_size, self.n_sources, self.d_model, generator=gen)
-
-    def eval_batches(self, batch_size):
-        return iter(())
-
-    def sample(self, n, seed):
-        return torch.randn(n, self.n_sources, self.d_model)
-
-    def mean_squared_norm(self):
-        return None
-
-    def describe(self):
-        return {"kind": "random"}
 
 
 def _set_tf32(on: bool) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import psutil
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig
@@ -104,6 +103,8 @@ def bench_config(S, D, F, B, k, repeats: int, activation: str = "batchtopk") -> 
 
 def peak_rss_training_a(steps: int = 10) -> float:
     """Peak RSS (GB) of this process while `crosscoders.train` runs config A."""
+    import psutil
+
     from crosscoders import train
 
     c = CONFIGS["A"]
