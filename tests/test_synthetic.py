@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from crosscoders.diff.categories import PRESETS, classify_latents
-from crosscoders.errors import ConfigError
-from crosscoders.synthetic import (
+from crosscoders.bench.synthetic import (
     KINDS,
     ActivationResult,
     BenchmarkResult,
@@ -21,6 +19,8 @@ from crosscoders.synthetic import (
     run_planted_benchmark,
     score_decoder,
 )
+from crosscoders.diff.categories import PRESETS, classify_latents
+from crosscoders.errors import ConfigError
 
 SMALL = PlantedConfig(
     d_model=32,
