@@ -19,7 +19,7 @@ from crosscoders.bench.diffing import (
     run_diffing_benchmark,
     with_latent_scaling,
 )
-from crosscoders.bench.synthetic import PlantedConfig
+from crosscoders.bench.planted import PlantedConfig
 from crosscoders.errors import ConfigError
 
 

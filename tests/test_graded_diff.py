@@ -13,7 +13,8 @@ import torch
 
 from crosscoders import CrosscoderConfig, TrainConfig, train
 from crosscoders.bench.diffing import graded_scores
-from crosscoders.bench.synthetic import PlantedConfig, make_planted_data, match_latents
+from crosscoders.bench.planted import PlantedConfig, make_planted_data
+from crosscoders.bench.synthetic import match_latents
 from crosscoders.diff.graded import (
     GRADED_CATEGORIES,
     GradedConfig,

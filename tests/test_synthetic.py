@@ -5,15 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from crosscoders.bench.planted import KINDS, PlantedConfig, make_planted_data
 from crosscoders.bench.synthetic import (
-    KINDS,
     ActivationResult,
     BenchmarkResult,
-    PlantedConfig,
     concat_cosine,
     confusion_matrix,
     format_benchmark_table,
-    make_planted_data,
     match_latents,
     precision_recall,
     run_planted_benchmark,

@@ -168,8 +168,8 @@ def _run_bench_layers(args) -> int:
 def _run_bench_synthetic(args) -> int:
     import json
 
+    from crosscoders.bench.planted import PlantedConfig
     from crosscoders.bench.synthetic import (
-        PlantedConfig,
         format_benchmark_table,
         run_planted_benchmark,
     )

@@ -37,14 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosscoders.bench.synthetic import (
+from crosscoders.bench.planted import (
     KIND_TO_CATEGORY,
     PlantedConfig,
     PlantedData,
     make_planted_data,
-    match_latents,
-    precision_recall,
 )
+from crosscoders.bench.synthetic import match_latents, precision_recall
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CATEGORIES, get_thresholds
 from crosscoders.diff.graded import GradedConfig
