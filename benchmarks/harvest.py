@@ -28,8 +28,8 @@ from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
 from crosscoders.harvest.capture import SiteReader
 from crosscoders.harvest.models import find_blocks
 from crosscoders.harvest.sites import resolve_site
-from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
 from crosscoders.harvest.tokens import TokenStream
+from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
 
 def _config(root: Path, tokens: int, args: argparse.Namespace) -> HarvestConfig:

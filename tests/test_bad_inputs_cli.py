@@ -275,7 +275,7 @@ def test_harvest_weights_message_names_the_fix(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
+    from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
     root = tmp_path_factory.mktemp("pair")
     tok = make_tokenizer()

@@ -27,7 +27,7 @@ def lab(tmp_path_factory):
     """A tiny two-layer model, its text, and a store made by the stand-alone harvest."""
     from crosscoders.harvest import harvest
     from crosscoders.harvest.config import HarvestConfig
-    from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
+    from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
     root = tmp_path_factory.mktemp("lab")
     make_model(root / "lm", "llama", tokenizer=make_tokenizer(), d_model=16, n_layers=2)

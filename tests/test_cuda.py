@@ -171,7 +171,7 @@ def test_diff_pass_on_device_equals_cpu():
 def test_harvest_on_device_equals_cpu_to_bf16_tolerance(tmp_path):
     pytest.importorskip("transformers")
     from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
-    from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
+    from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
     tok = make_tokenizer()
     make_model(tmp_path / "base", "llama", seed=0, tokenizer=tok)

@@ -26,7 +26,7 @@ from crosscoders.diff.lens import activation_difference, final_norm, lens_tokens
 from crosscoders.diff.steering import steer
 from crosscoders.errors import ConfigError, DataError
 from crosscoders.harvest.sites import Site
-from crosscoders.harvest.testing import make_model, make_tokenizer
+from crosscoders.testing import make_model, make_tokenizer
 
 D = 32
 

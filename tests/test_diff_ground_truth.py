@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from crosscoders.diff.ground_truth import (
+from crosscoders.bench.diffing import (
     DECOUPLED,
     DiffingBenchConfig,
     add_bench_diffing_arguments,
@@ -19,8 +19,8 @@ from crosscoders.diff.ground_truth import (
     run_diffing_benchmark,
     with_latent_scaling,
 )
+from crosscoders.bench.planted import PlantedConfig
 from crosscoders.errors import ConfigError
-from crosscoders.synthetic import PlantedConfig
 
 
 def _small(**changes) -> DiffingBenchConfig:

@@ -16,7 +16,7 @@ from crosscoders.diff.cli import _default_store, _parse_models, add_diff_argumen
 from crosscoders.diff.run import DiffConfig, resolve_pair, run_diff
 from crosscoders.errors import ConfigError
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
-from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
+from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
 
 @pytest.fixture(scope="module")

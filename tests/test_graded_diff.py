@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from crosscoders import CrosscoderConfig, TrainConfig, train
+from crosscoders.bench.diffing import graded_scores
+from crosscoders.bench.planted import PlantedConfig, make_planted_data
+from crosscoders.bench.synthetic import match_latents
 from crosscoders.diff.graded import (
     GRADED_CATEGORIES,
     GradedConfig,
@@ -20,12 +23,10 @@ from crosscoders.diff.graded import (
     grade,
     leaning_candidates,
 )
-from crosscoders.diff.ground_truth import graded_scores
 from crosscoders.diff.run import DiffConfig, run_diff
 from crosscoders.diff.stats import TensorRows
 from crosscoders.diff.table import latent_table, normalised_decoder
 from crosscoders.errors import ConfigError
-from crosscoders.synthetic import PlantedConfig, make_planted_data, match_latents
 
 pd = pytest.importorskip("pandas")
 

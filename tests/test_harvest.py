@@ -24,15 +24,15 @@ from crosscoders.harvest import (
     resolve_site,
 )
 from crosscoders.harvest.capture import SiteReader
-from crosscoders.harvest.testing import (
+from crosscoders.store import ActivationStore
+from crosscoders.store import format as fmt
+from crosscoders.testing import (
     FAMILIES,
     make_model,
     make_tokenizer,
     write_chat_corpus,
     write_text_corpus,
 )
-from crosscoders.store import ActivationStore
-from crosscoders.store import format as fmt
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
-from crosscoders.harvest.testing import write_chat_corpus, write_text_corpus
+from crosscoders.testing import write_chat_corpus, write_text_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
-from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
+from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
 CHILD = """
 import sys, time

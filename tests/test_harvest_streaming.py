@@ -11,8 +11,8 @@ import torch
 from crosscoders.errors import ConfigError
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, StreamingSource, harvest
 from crosscoders.harvest.cli import add_harvest_arguments, config_from_args, harvest_from_args
-from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
 from crosscoders.store import ActivationSource
+from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig, train
-from crosscoders.cli import main as cli_main
-from crosscoders.errors import ConfigError
-from crosscoders.layers import firing_frequency, layer_profile
-from crosscoders.layers_benchmark import (
+from crosscoders.bench.layers import (
     Point,
     _l0_at_fvu,
     compare_with_per_layer_saes,
     format_comparison,
     planted_layer_data,
 )
+from crosscoders.cli import main as cli_main
+from crosscoders.errors import ConfigError
+from crosscoders.layers import firing_frequency, layer_profile
 
 
 def _model_with_norms(norms_FS):
@@ -184,10 +184,10 @@ def test_crosscoder_needs_fewer_active_latents_than_per_layer_saes():
 
 def test_pipeline_with_one_model_writes_layer_profiles(tmp_path):
     from crosscoders.harvest.config import DataSpec, HarvestConfig, ModelSpec
-    from crosscoders.harvest.testing import make_model, make_tokenizer, write_text_corpus
     from crosscoders.pipeline import run_pipeline
     from crosscoders.pipeline.config import PipelineConfig
     from crosscoders.pipeline.summary import format_summary
+    from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
     make_model(tmp_path / "lm", "llama", tokenizer=make_tokenizer(), d_model=32, n_layers=4)
     write_text_corpus(tmp_path / "text.jsonl", 150)

@@ -21,7 +21,7 @@ from crosscoders.report import (
 )
 from crosscoders.report.data import clean_json, round_sig
 from crosscoders.report.load import examples_from_sqlite, lens_adapter, similarity_adapter
-from crosscoders.report.synthetic import synthetic_report_data
+from crosscoders.testing import fake_report_data
 
 pd = pytest.importorskip("pandas")
 
@@ -41,7 +41,7 @@ def _example_for(payload: dict, chunks: dict, latent: int) -> list:
 
 
 def test_render_embeds_table_examples_and_metrics(tmp_path):
-    data = synthetic_report_data(n_latents=600, n_with_examples=40, n_examples=6, n_steps=1000)
+    data = fake_report_data(n_latents=600, n_with_examples=40, n_examples=6, n_steps=1000)
     out = render_report(data, tmp_path / "r.html", chunk_size=64)
     html = out.read_text()
     payload, chunks = _embedded(html)
@@ -92,7 +92,7 @@ def test_render_embeds_table_examples_and_metrics(tmp_path):
 
 
 def test_page_is_self_contained(tmp_path):
-    html = render_report(synthetic_report_data(n_latents=50, n_with_examples=5), tmp_path)\
+    html = render_report(fake_report_data(n_latents=50, n_with_examples=5), tmp_path)\
         .read_text()
     assert (tmp_path / "report.html").exists()
     # nothing is fetched: no external scripts, stylesheets, images, fonts or imports

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from crosscoders.report import render_report
-from crosscoders.report.synthetic import synthetic_report_data
+from crosscoders.testing import fake_report_data
 
 HERE = Path(__file__).parent / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -60,7 +60,7 @@ def _keep(paths: list[str], extra: dict) -> None:
 
 @pytest.fixture(scope="module")
 def big_report(tmp_path_factory):
-    data = synthetic_report_data(n_latents=N_LATENTS, n_with_examples=2000, n_examples=20)
+    data = fake_report_data(n_latents=N_LATENTS, n_with_examples=2000, n_examples=20)
     path = render_report(data, tmp_path_factory.mktemp("report") / "report.html")
     return data, path
 

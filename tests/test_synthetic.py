@@ -5,22 +5,20 @@ import numpy as np
 import pytest
 import torch
 
-from crosscoders.diff.categories import PRESETS, classify_latents
-from crosscoders.errors import ConfigError
-from crosscoders.synthetic import (
-    KINDS,
+from crosscoders.bench.planted import KINDS, PlantedConfig, make_planted_data
+from crosscoders.bench.synthetic import (
     ActivationResult,
     BenchmarkResult,
-    PlantedConfig,
     concat_cosine,
     confusion_matrix,
     format_benchmark_table,
-    make_planted_data,
     match_latents,
     precision_recall,
     run_planted_benchmark,
     score_decoder,
 )
+from crosscoders.diff.categories import PRESETS, classify_latents
+from crosscoders.errors import ConfigError
 
 SMALL = PlantedConfig(
     d_model=32,

@@ -121,7 +121,7 @@ def _add_bench(sub) -> None:
                                                "on small shared CPUs)")
     s.add_argument("--json", help="also write the results as JSON to this file")
     s.set_defaults(func=_run_bench_synthetic)
-    from crosscoders.diff.ground_truth import add_bench_diffing_arguments, bench_diffing_from_args
+    from crosscoders.bench.diffing import add_bench_diffing_arguments, bench_diffing_from_args
 
     d = bench.add_parser("diffing", help="L1 vs BatchTopK, with and without Latent Scaling, "
                                          "on planted features that make L1 fail")
@@ -142,7 +142,7 @@ def _add_bench(sub) -> None:
 def _run_bench_layers(args) -> int:
     import json
 
-    from crosscoders.layers_benchmark import (
+    from crosscoders.bench.layers import (
         compare_with_per_layer_saes,
         format_comparison,
         planted_layer_data,
@@ -168,8 +168,8 @@ def _run_bench_layers(args) -> int:
 def _run_bench_synthetic(args) -> int:
     import json
 
-    from crosscoders.synthetic import (
-        PlantedConfig,
+    from crosscoders.bench.planted import PlantedConfig
+    from crosscoders.bench.synthetic import (
         format_benchmark_table,
         run_planted_benchmark,
     )

@@ -55,7 +55,7 @@ Scaling as the null sample (it is a sample of latents labelled shared and not le
 ``ls_q`` is the BH q-value of ``nu_eps`` lying below the control (the other model's
 activation carries less of the direction), over the scaled exclusive and leaning latents.
 
-Validation on planted ground truth (``crosscoders.diff.ground_truth``, docs/diffing.md):
+Validation on planted ground truth (``crosscoders.bench.diffing``, docs/diffing.md):
 features 20-70% stronger in one model come out leaning towards that model, unchanged shared
 features are flagged at a rate below ``fdr``, exclusive ones stay exclusive.
 """

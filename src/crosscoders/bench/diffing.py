@@ -1,6 +1,6 @@
 """The planted benchmark extended with the two cases that make L1 crosscoders fail.
 
-On top of ``crosscoders.synthetic`` (shared, rotated, base-only, chat-only features, and
+On top of ``crosscoders.bench.synthetic`` (shared, rotated, base-only, chat-only features, and
 ``shared_weaker``: a shared feature ``weaker_fraction`` times as strong in one model, the
 **complete shrinkage** case: L1 tends to drop the weak side's decoder and call the latent
 exclusive), this adds
@@ -37,20 +37,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from crosscoders.bench.planted import (
+    KIND_TO_CATEGORY,
+    PlantedConfig,
+    PlantedData,
+    make_planted_data,
+)
+from crosscoders.bench.synthetic import match_latents, precision_recall
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CATEGORIES, get_thresholds
 from crosscoders.diff.graded import GradedConfig
 from crosscoders.diff.latent_scaling import TrulyExclusiveRule
 from crosscoders.diff.table import latent_table, normalised_decoder
 from crosscoders.errors import ConfigError
-from crosscoders.synthetic import (
-    KIND_TO_CATEGORY,
-    PlantedConfig,
-    PlantedData,
-    make_planted_data,
-    match_latents,
-    precision_recall,
-)
 
 DECOUPLED = "shared_decoupled"
 EXCLUSIVE = ("base_only", "chat_only")

@@ -1,11 +1,11 @@
 """Cross-layer crosscoder vs one SAE per layer, on features planted across layers.
 
-DESIGN section 5: a feature that persists across layers is one latent in a cross-layer
-crosscoder but one latent per layer in per-layer SAEs, so at matched reconstruction error
-the crosscoder should need fewer active latents in total (Anthropic reports 15-40x on an
-18-layer model; the ratio grows with how far features persist). ``crosscoders bench
-layers`` measures it here: it trains BatchTopK crosscoders and per-layer BatchTopK SAEs
-over a range of k, and reads off the SAEs' total L0 at each crosscoder's FVU.
+A feature that persists across layers is one latent in a cross-layer crosscoder but one
+latent per layer in per-layer SAEs, so at matched reconstruction error the crosscoder
+should need fewer active latents in total (Anthropic reports 15-40x on an 18-layer model;
+the ratio grows with how far features persist). ``crosscoders bench layers`` measures it
+here: it trains BatchTopK crosscoders and per-layer BatchTopK SAEs over a range of k, and
+reads off the SAEs' total L0 at each crosscoder's FVU.
 """
 
 from __future__ import annotations
