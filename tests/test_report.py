@@ -256,3 +256,22 @@ def test_cli_functions(tmp_path, capsys):
     payload, _ = _embedded((tmp_path / "cli.html").read_text())
     assert payload["title"] == "T"
     assert "cli.html" in capsys.readouterr().out
+
+
+def test_every_script_is_inlined_once_in_order(tmp_path):
+    """The page's scripts are the files in report/static, each inlined once, data.js (which
+    creates the shared namespace) first and main.js (which draws the page) last."""
+    from importlib import resources
+
+    from crosscoders.report.render import SCRIPTS
+
+    static = resources.files("crosscoders.report").joinpath("static")
+    on_disk = sorted(p.name for p in static.iterdir() if p.name.endswith(".js"))
+    assert sorted(SCRIPTS) == on_disk and SCRIPTS[0] == "data.js" and SCRIPTS[-1] == "main.js"
+    # inlined as is: a script must not hold the text that would open or end a script element
+    assert not any("<script" in static.joinpath(n).read_text("utf-8").lower() or "</script" in
+                   static.joinpath(n).read_text("utf-8").lower() for n in SCRIPTS)
+    html = render_report(ReportData(latents={"latent": [0], "category": ["shared"]}),
+                         tmp_path / "r.html").read_text()
+    starts = [html.find(static.joinpath(name).read_text("utf-8")) for name in SCRIPTS]
+    assert all(s > 0 for s in starts) and starts == sorted(starts)

@@ -45,7 +45,7 @@ try {
     const nav = performance.getEntriesByType("navigation")[0];
     return {
       readyMs: window.__report.readyAt, // since navigation start: parse + script + render
-      renderMs: window.__report.renderMs, // report.js alone
+      renderMs: window.__report.renderMs, // the report's scripts alone
       domContentLoadedMs: nav ? nav.domContentLoadedEventEnd : null,
       loadEventMs: nav ? nav.loadEventEnd : null,
       htmlBytes: nav ? nav.transferSize || nav.encodedBodySize : null,

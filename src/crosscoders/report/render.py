@@ -10,7 +10,9 @@ Layout of the embedded data, chosen so that a 16k-latent report opens fast:
   only when a card in it is opened, so load time does not grow with the example count
   beyond reading the text.
 
-The plots are inline SVG drawn by ``static/report.js`` in the browser, from the table.
+The plots are inline SVG drawn in the browser, from the table, by the scripts in ``static/``
+(``SCRIPTS``: one file per purpose, concatenated in that order into the page's one
+``<script>``; they share the namespace object ``CC``).
 With the graded view (``crosscoders.diff.graded``) the relative-norm plot shades the null
 band (``summary.graded.band``), dead and rare latents are left out of the category plots
 unless the reader asks for them, and the feature browser opens sorted by ``diff_score``.
@@ -53,6 +55,8 @@ PREFERRED_COLUMNS = tuple(dict.fromkeys(
 # Categories in the order of the relative-norm axis; latents that (nearly) never fired last.
 CATEGORY_ORDER = ("base_only", "base_leaning", "shared", "chat_leaning", "chat_only", "other",
                   "rare", "dead")
+#: the page's scripts, in the order they run: each reads what the earlier ones put in ``CC``
+SCRIPTS = ("data.js", "dom.js", "charts.js", "sections.js", "card.js", "table.js", "main.js")
 _TOKEN_MARKERS = {"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"}
 
 
@@ -312,6 +316,10 @@ def _static(name: str) -> str:
     return resources.files("crosscoders.report").joinpath("static", name).read_text("utf-8")
 
 
+def _scripts() -> str:
+    return "\n".join(_static(name) for name in SCRIPTS)
+
+
 def _html_page(payload: dict, chunks: list[dict]) -> str:
     chunk_tags = "\n".join(
         f'<script type="application/json" id="chunk-{n}">{_json_for_script(c)}</script>'
@@ -336,7 +344,7 @@ fetched from the network).</p></noscript>
 <script type="application/json" id="report-data">{_json_for_script(payload)}</script>
 {chunk_tags}
 <script>
-{_static("report.js")}
+{_scripts()}
 </script>
 </body>
 </html>
