@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from crosscoders.diff.schema import (
+    CATEGORY,
+    COS,
+    DEC_COS,
+    DIFF_SCORE,
+    FREQ,
+    LATENT,
+    MAX_ACT,
+    NORM_BASE,
+    NORM_CHAT,
+    NU_EPS,
+    NU_R,
+    REL_NORM,
+    REL_NORM_Q,
+    TRULY_CHAT_ONLY,
+)
 from crosscoders.report.data import Example, ReportData
 
 _WORDS = (
@@ -62,11 +78,11 @@ def synthetic_report_data(
     nu_r[scaled] = np.clip(rng.beta(2, 3, scaled.sum()) * 1.4, 0, None)
     nu_eps[scaled] = np.clip(rng.beta(1.5, 3, scaled.sum()) * 1.2, 0, None)
     truly = (category == "chat_only") & (nu_r < 0.5) & (nu_eps < 0.2)
-    latents = {
-        "latent": np.arange(F), "category": category, "rel_norm": r, "cos": cos,
-        "n_base": n_base, "n_chat": n_chat, "freq": freq, "max_act": max_act,
-        "nu_r": nu_r, "nu_eps": nu_eps, "truly_chat_only": truly,
-        "diff_score": diff_score, "rel_norm_q": q,
+    latents = {  # a subset of the columns `crosscoders diff` writes, by the same names
+        LATENT: np.arange(F), CATEGORY: category, REL_NORM: r, COS: cos, DEC_COS: cos,
+        NORM_BASE: n_base, NORM_CHAT: n_chat, FREQ: freq, MAX_ACT: max_act,
+        NU_R: nu_r, NU_EPS: nu_eps, TRULY_CHAT_ONLY: truly,
+        DIFF_SCORE: diff_score, REL_NORM_Q: q,
     }
 
     with_examples = set(range(min(n_with_examples, F))) | set(np.flatnonzero(category ==
