@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from crosscoders.diff.categories import PRESETS
 from crosscoders.diff.schema import (
     CATEGORY,
     COS,
@@ -19,6 +20,7 @@ from crosscoders.diff.schema import (
     REL_NORM,
     REL_NORM_Q,
     TRULY_CHAT_ONLY,
+    Summary,
 )
 from crosscoders.report.data import Example, ReportData
 
@@ -137,12 +139,13 @@ def synthetic_report_data(
                  "site": "resid_out:13"},
     }
     counts = {c: int((category == c).sum()) for c in np.unique(category)}
-    summary = {"preset": "anthropic", "convention": "rel_norm", "n_latents": F,
-               "counts": counts, "n_truly_chat_only": int(truly.sum()),
-               "graded": {"fdr": 0.05, "min_fires": 10, "band": [0.455, 0.545],
-                          "z_threshold": 3.0, "n_tested": int((~untrained).sum()),
-                          "n_chat_leaning": counts.get("chat_leaning", 0),
-                          "n_base_leaning": counts.get("base_leaning", 0)}}
+    summary = {Summary.PRESET: "anthropic", Summary.N_LATENTS: F,
+               Summary.THRESHOLDS: PRESETS["anthropic"].to_dict(),
+               Summary.COUNTS: counts, "n_truly_chat_only": int(truly.sum()),
+               Summary.GRADED: {"fdr": 0.05, "min_fires": 10, "band": [0.455, 0.545],
+                                "z_threshold": 3.0, "n_tested": int((~untrained).sum()),
+                                "n_chat_leaning": counts.get("chat_leaning", 0),
+                                "n_base_leaning": counts.get("base_leaning", 0)}}
     similarity = {"cka": {"resid_out:13": 0.962}, "svcca": {"resid_out:13": 0.911}}
     lens = [
         {"position": p, "norm": float(3.0 / (p + 1)),

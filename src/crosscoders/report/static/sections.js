@@ -212,26 +212,25 @@
     }
     grid.append(panel("Category counts", categoryNote(), barChart(items)));
   }
+  // The summary's keys as `crosscoders diff` writes them (crosscoders.diff.schema.Summary).
+  const thresholds = () => (D.summary || {}).thresholds || {};
   function thresholdGuides(scoreCol) {
-    const t = (D.summary && (D.summary.thresholds || D.summary)) || {};
-    const conv = t.convention || (D.summary || {}).convention || "rel_norm";
+    const t = thresholds();
+    const conv = t.convention || "rel_norm";
     if ((conv === "minder") !== (scoreCol === ROLE.dnorm)) return [];
     return ["base_only_below", "chat_only_above", "shared_low", "shared_high"]
       .map((k) => t[k]).filter(isNum);
   }
   function lsThresholds() {
-    const sm = D.summary || {};
-    const ls = sm.latent_scaling || sm.ls || {};
-    const pick = (...vals) => vals.find(isNum);
-    const rule = ls.rule || {};
-    return { nu_r: pick(rule.nu_r_max, ls.nu_r_max, ls.nu_r_threshold, ls.nu_r, sm.nu_r_threshold, 0.5),
-      nu_eps: pick(rule.nu_eps_max, ls.nu_eps_max, ls.nu_eps_threshold, ls.nu_eps, sm.nu_eps_threshold, 0.2) };
+    const rule = ((D.summary || {}).latent_scaling || {}).rule || {};
+    return { nu_r: isNum(rule.nu_r_max) ? rule.nu_r_max : 0.5,
+      nu_eps: isNum(rule.nu_eps_max) ? rule.nu_eps_max : 0.2 };
   }
   function categoryNote() {
     const sm = D.summary || {};
     const parts = [];
     if (sm.preset) parts.push(`preset: ${sm.preset}`);
-    if (sm.convention) parts.push(`score: ${sm.convention}`);
+    if (thresholds().convention) parts.push(`score: ${thresholds().convention}`);
     if (GRADED) {
       parts.push(`leaning: relative norm beyond the null at FDR ${fmt(GRADED.fdr)} ` +
         `(${fmt(GRADED.n_tested, "int")} latents tested)`);
@@ -241,7 +240,7 @@
 
   function renderBaselines(root) {
     const sim = D.similarity || {};
-    const lens = Array.isArray(D.lens) ? D.lens : (D.lens && D.lens.positions) || [];
+    const lens = D.lens || [];
     if (!Object.keys(sim).length && !lens.length) return false;
     const sec = h("section", { id: "baselines" }, h("h2", {}, "Holistic baselines"));
     const grid = h("div", { class: "grid wide" });
