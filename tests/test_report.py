@@ -58,7 +58,7 @@ def test_render_embeds_table_examples_and_metrics(tmp_path):
     kinds = {c["name"]: c["kind"] for c in payload["table"]["columns"]}
     assert kinds["truly_chat_only"] == "bool" and kinds["category"] == "cat"
     assert kinds["top_act_tokens"] == "text" and kinds["promotes"] == "text"
-    assert payload["roles"]["n_base"] == "n_base" and payload["roles"]["cos"] == "cos"
+    assert payload["roles"]["n_base"] == "norm_base" and payload["roles"]["cos"] == "dec_cos"
     assert payload["categories"] == ["base_only", "base_leaning", "shared", "chat_leaning",
                                      "chat_only", "other", "rare", "dead"]
     # the browser opens sorted by the diffing score: it comes right after the category
@@ -220,15 +220,20 @@ def test_missing_table_names_the_fix(tmp_path):
         load_report_data(tmp_path)
 
 
-def test_adapters_accept_matrices_and_position_lists():
+def test_adapters_read_what_diff_writes():
     sim = similarity_adapter({"cka": [[0.9, 0.5], [0.4, 0.8]], "rows": ["b0", "b1"],
                               "cols": ["c0", "c1"]})
     assert sim == {"cka": {"b0 / c0": 0.9, "b0 / c1": 0.5, "b1 / c0": 0.4, "b1 / c1": 0.8}}
-    lens = lens_adapter({"positions": [{"top": [["a", 1.0]], "bottom": [["b", -1.0]],
-                                        "norm": 2.0}]})
-    assert lens == [{"position": 0, "promoted": [("a", 1.0)], "suppressed": [("b", -1.0)],
-                     "norm": 2.0}]
+    lens = lens_adapter({"n_positions": 5, "norm": 2.0,
+                         "promoted": [{"token_id": 3, "token": "a", "logit": 1.0}],
+                         "suppressed": [{"token_id": 4, "token": "b", "logit": -1.0}]})
+    assert lens == [{"position": "mean of the first tokens", "promoted": [("a", 1.0)],
+                     "suppressed": [("b", -1.0)], "norm": 2.0}]
     assert lens_adapter(None) == [] and similarity_adapter("x") == {}
+    # names nobody writes are not read: no aliases
+    assert lens_adapter({"top": [["a", 1.0]], "bottom": [["b", -1.0]]}) == []
+    assert similarity_adapter({"cka": [[0.9, 0.5]], "base_sites": ["b0"]}) == {
+        "cka": {"base 0 / chat 0": 0.9, "base 0 / chat 1": 0.5}}
 
 
 def test_decoder_top_tokens_matches_brute_force():
@@ -256,3 +261,22 @@ def test_cli_functions(tmp_path, capsys):
     payload, _ = _embedded((tmp_path / "cli.html").read_text())
     assert payload["title"] == "T"
     assert "cli.html" in capsys.readouterr().out
+
+
+def test_every_script_is_inlined_once_in_order(tmp_path):
+    """The page's scripts are the files in report/static, each inlined once, data.js (which
+    creates the shared namespace) first and main.js (which draws the page) last."""
+    from importlib import resources
+
+    from crosscoders.report.render import SCRIPTS
+
+    static = resources.files("crosscoders.report").joinpath("static")
+    on_disk = sorted(p.name for p in static.iterdir() if p.name.endswith(".js"))
+    assert sorted(SCRIPTS) == on_disk and SCRIPTS[0] == "data.js" and SCRIPTS[-1] == "main.js"
+    # inlined as is: a script must not hold the text that would open or end a script element
+    assert not any("<script" in static.joinpath(n).read_text("utf-8").lower() or "</script" in
+                   static.joinpath(n).read_text("utf-8").lower() for n in SCRIPTS)
+    html = render_report(ReportData(latents={"latent": [0], "category": ["shared"]}),
+                         tmp_path / "r.html").read_text()
+    starts = [html.find(static.joinpath(name).read_text("utf-8")) for name in SCRIPTS]
+    assert all(s > 0 for s in starts) and starts == sorted(starts)

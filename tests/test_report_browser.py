@@ -89,6 +89,8 @@ def test_report_in_headless_chromium(big_report, tmp_path):
     # the graded view: the null band is shaded, dead and rare latents are left out of the
     # category plots until asked for, and the browser opens sorted by the diffing score
     assert r["band"] == 1 and "null band" in r["legend"]
+    # the summary read by the keys diff writes: thresholds drawn, their score named
+    assert r["guides"] == 4 and "preset: anthropic, score: rel_norm" in r["countsNote"]
     assert "dead" not in r["legend"] and "rare" not in r["legend"]
     assert "dead and" in r["untrainedNote"] and "left out" in r["untrainedNote"]
     assert {"dead", "rare"} <= set(r["legendWithUntrained"])
@@ -152,3 +154,4 @@ def test_report_without_optional_sections(tmp_path):
                                                "category counts"}
     # a table from before the graded view: no band, no dead/rare note, unsorted browser
     assert r["band"] == 0 and r["untrainedNote"] is None and r["initialSort"] is None
+    assert r["guides"] == 0 and r["countsNote"] == "labels from the latent table"

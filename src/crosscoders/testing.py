@@ -221,6 +221,24 @@ def fake_report_data(
     The first ``n_with_examples`` latents (and every chat-only one) get ``n_examples``
     max-activating examples, decoder top tokens and an activation histogram.
     """
+    from crosscoders.diff.categories import PRESETS
+    from crosscoders.diff.schema import (
+        CATEGORY,
+        COS,
+        DEC_COS,
+        DIFF_SCORE,
+        FREQ,
+        LATENT,
+        MAX_ACT,
+        NORM_BASE,
+        NORM_CHAT,
+        NU_EPS,
+        NU_R,
+        REL_NORM,
+        REL_NORM_Q,
+        TRULY_CHAT_ONLY,
+        Summary,
+    )
     from crosscoders.report.data import Example, ReportData
 
     rng = np.random.default_rng(seed)
@@ -255,11 +273,11 @@ def fake_report_data(
     nu_r[scaled] = np.clip(rng.beta(2, 3, scaled.sum()) * 1.4, 0, None)
     nu_eps[scaled] = np.clip(rng.beta(1.5, 3, scaled.sum()) * 1.2, 0, None)
     truly = (category == "chat_only") & (nu_r < 0.5) & (nu_eps < 0.2)
-    latents = {
-        "latent": np.arange(F), "category": category, "rel_norm": r, "cos": cos,
-        "n_base": n_base, "n_chat": n_chat, "freq": freq, "max_act": max_act,
-        "nu_r": nu_r, "nu_eps": nu_eps, "truly_chat_only": truly,
-        "diff_score": diff_score, "rel_norm_q": q,
+    latents = {  # a subset of the columns `crosscoders diff` writes, by the same names
+        LATENT: np.arange(F), CATEGORY: category, REL_NORM: r, COS: cos, DEC_COS: cos,
+        NORM_BASE: n_base, NORM_CHAT: n_chat, FREQ: freq, MAX_ACT: max_act,
+        NU_R: nu_r, NU_EPS: nu_eps, TRULY_CHAT_ONLY: truly,
+        DIFF_SCORE: diff_score, REL_NORM_Q: q,
     }
 
     with_examples = set(range(min(n_with_examples, F))) | set(np.flatnonzero(category ==
@@ -314,12 +332,13 @@ def fake_report_data(
                  "site": "resid_out:13"},
     }
     counts = {c: int((category == c).sum()) for c in np.unique(category)}
-    summary = {"preset": "anthropic", "convention": "rel_norm", "n_latents": F,
-               "counts": counts, "n_truly_chat_only": int(truly.sum()),
-               "graded": {"fdr": 0.05, "min_fires": 10, "band": [0.455, 0.545],
-                          "z_threshold": 3.0, "n_tested": int((~untrained).sum()),
-                          "n_chat_leaning": counts.get("chat_leaning", 0),
-                          "n_base_leaning": counts.get("base_leaning", 0)}}
+    summary = {Summary.PRESET: "anthropic", Summary.N_LATENTS: F,
+               Summary.THRESHOLDS: PRESETS["anthropic"].to_dict(),
+               Summary.COUNTS: counts, "n_truly_chat_only": int(truly.sum()),
+               Summary.GRADED: {"fdr": 0.05, "min_fires": 10, "band": [0.455, 0.545],
+                                "z_threshold": 3.0, "n_tested": int((~untrained).sum()),
+                                "n_chat_leaning": counts.get("chat_leaning", 0),
+                                "n_base_leaning": counts.get("base_leaning", 0)}}
     similarity = {"cka": {"resid_out:13": 0.962}, "svcca": {"resid_out:13": 0.911}}
     lens = [
         {"position": p, "norm": float(3.0 / (p + 1)),

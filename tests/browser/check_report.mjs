@@ -45,7 +45,7 @@ try {
     const nav = performance.getEntriesByType("navigation")[0];
     return {
       readyMs: window.__report.readyAt, // since navigation start: parse + script + render
-      renderMs: window.__report.renderMs, // report.js alone
+      renderMs: window.__report.renderMs, // the report's scripts alone
       domContentLoadedMs: nav ? nav.domContentLoadedEventEnd : null,
       loadEventMs: nav ? nav.loadEventEnd : null,
       htmlBytes: nav ? nav.transferSize || nav.encodedBodySize : null,
@@ -73,6 +73,13 @@ try {
   });
   result.band = await page.$$eval(
     'section#diffing svg[aria-label="relative norm"] rect.band', (r) => r.length);
+  // The summary's thresholds: guides on the relative-norm plot, the score in the note.
+  result.guides = await page.$$eval(
+    'section#diffing svg[aria-label="relative norm"] line.guide', (l) => l.length);
+  result.countsNote = await page.$$eval("section#diffing .panel", (ps) => {
+    const p = ps.find((x) => x.querySelector("h3").textContent.startsWith("Category counts"));
+    return p && p.querySelector(".note") ? p.querySelector(".note").textContent : null;
+  });
   const legendNames = () => page.$$eval("section#diffing .panel:first-child .legend span",
     (spans) => spans.map((x) => x.textContent));
   result.legend = await legendNames();

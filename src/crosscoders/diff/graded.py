@@ -71,6 +71,23 @@ from scipy.stats import norm
 
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CATEGORIES
+from crosscoders.diff.schema import (
+    CATEGORY,
+    DEC_COS,
+    DIFF_SCORE,
+    LATENT,
+    LS_Q,
+    NORM_BASE,
+    NORM_CHAT,
+    NU_EPS,
+    NU_EPS_Z,
+    NU_R,
+    NU_R_Z,
+    PRESET_CATEGORY,
+    REL_NORM_P,
+    REL_NORM_Q,
+    REL_NORM_Z,
+)
 from crosscoders.errors import ConfigError
 
 LEANING: tuple[str, ...] = ("chat_leaning", "base_leaning")
@@ -257,13 +274,13 @@ def testable(cols: dict[str, np.ndarray], fires: np.ndarray | None,
     """[F] bool: latents whose relative norm is tested (see the module docstring);
     ``fixed`` [F] marks latents whose norm ratio is fixed by design (designated shared or
     exclusive latents), never tested."""
-    preset = np.asarray(cols.get("preset_category", cols["category"])).astype(str)
+    preset = np.asarray(cols.get(PRESET_CATEGORY, cols[CATEGORY])).astype(str)
     ok = ~np.isin(preset, EXCLUSIVE)
     if fixed is not None:
         ok &= ~np.asarray(fixed, bool)
     if fires is not None:
         return ok & (np.asarray(fires) >= cfg.min_fires)
-    return ok & (np.asarray(cols["dec_cos"]) >= cfg.min_cos)
+    return ok & (np.asarray(cols[DEC_COS]) >= cfg.min_cos)
 
 
 def grade(cols: dict[str, np.ndarray], fires: np.ndarray | None = None,
@@ -279,10 +296,10 @@ def grade(cols: dict[str, np.ndarray], fires: np.ndarray | None = None,
     ``rel_norm_p``, ``rel_norm_q``, ``diff_score``) and the summary entry.
     """
     cfg = cfg or GradedConfig()
-    preset = np.asarray(cols["category"]).astype(str)
+    preset = np.asarray(cols[CATEGORY]).astype(str)
     F_ = len(preset)
-    t = log_norm_ratio(cols["norm_base"], cols["norm_chat"])
-    tested = testable({"category": preset, "dec_cos": cols["dec_cos"]}, fires, cfg, fixed)
+    t = log_norm_ratio(cols[NORM_BASE], cols[NORM_CHAT])
+    tested = testable({CATEGORY: preset, DEC_COS: cols[DEC_COS]}, fires, cfg, fixed)
     exclusive = np.isin(preset, EXCLUSIVE)
     category = preset.astype(object).copy()
     if fires is not None:
@@ -343,12 +360,12 @@ def grade(cols: dict[str, np.ndarray], fires: np.ndarray | None = None,
     summary["n_dead"] = int((category == "dead").sum())
     summary["n_rare"] = int((category == "rare").sum())
     columns = {
-        "preset_category": preset,
-        "category": category,
-        "rel_norm_z": z,
-        "rel_norm_p": p,
-        "rel_norm_q": q,
-        "diff_score": np.abs(z),
+        PRESET_CATEGORY: preset,
+        CATEGORY: category,
+        REL_NORM_Z: z,
+        REL_NORM_P: p,
+        REL_NORM_Q: q,
+        DIFF_SCORE: np.abs(z),
     }
     return columns, summary
 
@@ -359,10 +376,10 @@ def leaning_candidates(cols: dict[str, np.ndarray], cfg: GradedConfig | None = N
     ``max_leaning`` per side (chat, base), by the weights-only score (|z| >= 1.5 and not
     exclusive). They get Latent Scaling and examples in the one pass."""
     cfg = cfg or GradedConfig()
-    graded, _ = grade({k: cols[k] for k in ("norm_base", "norm_chat", "category", "dec_cos")},
+    graded, _ = grade({k: cols[k] for k in (NORM_BASE, NORM_CHAT, CATEGORY, DEC_COS)},
                       None, cfg, fixed)
-    z = graded["rel_norm_z"]
-    preset = np.asarray(cols["category"]).astype(str)
+    z = graded[REL_NORM_Z]
+    preset = np.asarray(cols[CATEGORY]).astype(str)
     ok = np.isfinite(z) & ~np.isin(preset, EXCLUSIVE) & (np.abs(np.nan_to_num(z)) >= 1.5)
     out = []
     for sign in (1.0, -1.0):
@@ -382,33 +399,33 @@ def ls_scores(cols: dict[str, np.ndarray], control: np.ndarray, fdr: float = 0.0
     every scaled latent, and ``ls_q``: BH q-value of ``nu_eps`` below the control, over the
     scaled latents that are exclusive or leaning. ``control`` [F] bool marks the null
     sample (the shared control, still labelled shared)."""
-    F_ = len(cols["latent"])
-    out = {name: np.full(F_, np.nan) for name in ("nu_r_z", "nu_eps_z", "ls_q")}
+    F_ = len(cols[LATENT])
+    out = {name: np.full(F_, np.nan) for name in (NU_R_Z, NU_EPS_Z, LS_Q)}
     summary: dict[str, Any] = {"n_control": 0}
-    if "nu_r" not in cols:
+    if NU_R not in cols:
         return out, summary
-    category = np.asarray(cols["category"]).astype(str)
-    scaled = np.isfinite(cols["nu_r"]) & np.isfinite(cols["nu_eps"])
+    category = np.asarray(cols[CATEGORY]).astype(str)
+    scaled = np.isfinite(cols[NU_R]) & np.isfinite(cols[NU_EPS])
     control = np.asarray(control, bool) & scaled
     summary["n_control"] = int(control.sum())
     if control.sum() < min_control:
         summary["note"] = (f"{int(control.sum())} control latents (need {min_control}); no "
                            "Latent Scaling scores")
         return out, summary
-    for name in ("nu_r", "nu_eps"):
+    for name, z_name in ((NU_R, NU_R_Z), (NU_EPS, NU_EPS_Z)):
         ref = cols[name][control]
         center = float(np.median(ref))
         scale = 1.4826 * float(np.median(np.abs(ref - center)))
         scale = scale if scale > 0 else float(np.std(ref)) or 1e-12
-        out[f"{name}_z"] = np.where(scaled, (cols[name] - center) / scale, np.nan)
+        out[z_name] = np.where(scaled, (cols[name] - center) / scale, np.nan)
         summary[name] = {"center": center, "scale": scale}
     tested = scaled & np.isin(category, (*EXCLUSIVE, *LEANING))
-    p = np.where(tested, norm.cdf(out["nu_eps_z"]), np.nan)
-    out["ls_q"] = bh_qvalues(p)
+    p = np.where(tested, norm.cdf(out[NU_EPS_Z]), np.nan)
+    out[LS_Q] = bh_qvalues(p)
     summary["n_tested"] = int(tested.sum())
-    summary["n_below_null"] = int((out["ls_q"] <= fdr).sum())
+    summary["n_below_null"] = int((out[LS_Q] <= fdr).sum())
     for side in LEANING:
         sel = tested & (category == side)
         summary[f"n_{side}_scaled"] = int(sel.sum())
-        summary[f"n_{side}_confirmed"] = int((sel & (out["ls_q"] <= fdr)).sum())
+        summary[f"n_{side}_confirmed"] = int((sel & (out[LS_Q] <= fdr)).sum())
     return out, summary

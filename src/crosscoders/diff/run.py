@@ -3,7 +3,7 @@
     run_diff(RUN_DIR or Crosscoder, STORE or tensor [N, S, D], OUT_DIR, DiffConfig(...),
              models={"base": path, "chat": path})
 
-Writes to ``OUT_DIR``:
+Writes to ``OUT_DIR`` (file names, table columns and JSON keys: ``crosscoders.diff.schema``):
 
 - ``latents.parquet`` / ``latents.csv`` / ``summary.json``: the latent table (one pass:
   activation statistics, Latent Scaling and example collection ride on the same read);
@@ -14,6 +14,9 @@ Writes to ``OUT_DIR``:
   chat-only, truly chat-only and a random shared control), ``lens.json`` (activation-
   difference lens through the chat model's unembedding), ``steering.json`` (optional);
 - ``diff_config.json``: the config used.
+
+With a crosscoder directory, ``summary.json`` records it (``run_dir``), so the report finds
+the training run's metrics wherever the diff was written.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from crosscoders.diff.categories import CategoryThresholds
 from crosscoders.diff.examples import ExampleCollector, save_examples
 from crosscoders.diff.graded import GradedConfig, leaning_candidates
 from crosscoders.diff.latent_scaling import TrulyExclusiveRule
+from crosscoders.diff.schema import (
+    CATEGORY,
+    MAX_ACT,
+    TRULY_CHAT_ONLY,
+    Files,
+    Lens,
+    Similarity,
+    Summary,
+)
 from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.stats import HeadRows, StoreRows, as_rows
 from crosscoders.diff.table import designated_latents, latent_table, resolve_source
@@ -150,7 +162,7 @@ def run_diff(
     cfg = config or DiffConfig()
     cfg = cfg.replace(device=str(resolve_device(cfg.device)))  # "auto", or CUDA missing
     out = ensure_dir(out_dir)
-    cfg.save(out / "diff_config.json")
+    cfg.save(out / Files.DIFF_CONFIG)
     model = Crosscoder.load(crosscoder) if isinstance(crosscoder, (str, Path)) else crosscoder
     model = model.to(cfg.device).eval()
     rows = as_rows(data)
@@ -164,7 +176,7 @@ def run_diff(
     weights = latent_table(model, None, base=b, chat=c, preset=preset, graded=None)
     collector, candidates = None, np.empty(0, np.int64)
     if cfg.examples != "none":
-        cats = weights.df["category"].to_numpy()
+        cats = weights.df[CATEGORY].to_numpy()
         latents = None
         if cfg.examples == "exclusive":
             if cfg.graded is not None:
@@ -181,7 +193,10 @@ def run_diff(
         batch_size=cfg.batch_size, progress=cfg.progress,
         extra_consumers=(collector,) if collector is not None else (), graded=cfg.graded,
     )
-    table.summary["data"] = store.describe() if store is not None else {"kind": "tensor"}
+    table.summary[Summary.DATA] = (store.describe() if store is not None
+                                   else {"kind": "tensor"})
+    if isinstance(crosscoder, (str, Path)):
+        table.summary[Summary.RUN_DIR] = str(Path(crosscoder).resolve())
     table.save(out)
     summary = dict(table.summary)
 
@@ -191,12 +206,13 @@ def run_diff(
     if collector is not None:
         keep = None
         if cfg.examples == "exclusive":  # a candidate keeps its examples if it is leaning
-            keep = np.flatnonzero(table.df["category"].to_numpy() != "shared")
+            keep = np.flatnonzero(table.df[CATEGORY].to_numpy() != "shared")
         recs = collector.finish(model, data_for_pass, cfg.window_before, cfg.window_after,
                                 tokenizer, cfg.batch_size, latents=keep)
-        save_examples(recs, out / "examples.db", {"sources": summary["sources"]})
-        summary["examples"] = {
-            "file": "examples.db", "n": len(recs),
+        save_examples(recs, out / Files.EXAMPLES,
+                      {Summary.SOURCES: summary[Summary.SOURCES]})
+        summary[Summary.EXAMPLES] = {
+            "file": Files.EXAMPLES, "n": len(recs),
             "n_latents": len({r["latent"] for r in recs}),
             "collected_for": cfg.examples if cfg.examples != "exclusive" else
             "latents the preset does not call shared, and of the "
@@ -207,17 +223,17 @@ def run_diff(
     sim_rows, sim_cols = _similarity_sources(store_sources, b, c)
     sim = similarity_matrix(rows, sim_rows, sim_cols, max_tokens=cfg.similarity_tokens,
                             progress=cfg.progress)
-    sim_out = {"rows": [_source_label(store_sources, i) for i in sim_rows],
-               "cols": [_source_label(store_sources, i) for i in sim_cols],
-               "cka": sim["cka"].tolist(), "svcca": sim["svcca"].tolist(),
-               "n_tokens": min(rows.n_tokens, cfg.similarity_tokens)}
-    _write_json(out / "similarity.json", sim_out)
-    summary["similarity"] = {"cka": sim_out["cka"], "svcca": sim_out["svcca"]}
+    sim_out = {Similarity.ROWS: [_source_label(store_sources, i) for i in sim_rows],
+               Similarity.COLS: [_source_label(store_sources, i) for i in sim_cols],
+               Similarity.CKA: sim["cka"].tolist(), Similarity.SVCCA: sim["svcca"].tolist(),
+               Similarity.N_TOKENS: min(rows.n_tokens, cfg.similarity_tokens)}
+    _write_json(out / Files.SIMILARITY, sim_out)
+    summary[Summary.SIMILARITY] = {k: sim_out[k] for k in (Similarity.CKA, Similarity.SVCCA)}
 
     # 3. everything that runs the models
     if loaded and store is not None:
         summary.update(_model_checks(cfg, model, store, loaded, tokenizer, table.df, b, c, out))
-    _write_json(out / "summary.json", summary)
+    _write_json(out / Files.SUMMARY, summary)
     return summary
 
 
@@ -296,9 +312,9 @@ def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokeniz
     hcfg = store.manifest.get("config", {})
     keep = default_keep(ids, _special_ids(cfg, store.manifest) or [], hcfg.get("skip_first", 0))
     splice = splice_metrics(model, loaded, sources, ids, keep)
-    cat = df["category"].to_numpy()
+    cat = df[CATEGORY].to_numpy()
     chat_only = np.flatnonzero(cat == "chat_only")
-    truly = np.flatnonzero(df["truly_chat_only"].to_numpy()) if "truly_chat_only" in df else []
+    truly = np.flatnonzero(df[TRULY_CHAT_ONLY].to_numpy()) if TRULY_CHAT_ONLY in df else []
     rng = np.random.default_rng(cfg.seed)
     shared = np.flatnonzero(cat == "shared")
     control = rng.choice(shared, size=min(len(chat_only), len(shared)), replace=False)
@@ -320,22 +336,25 @@ def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokeniz
               "splice": {_source_label(store.manifest["sources"], s): v
                          for s, v in splice.items()},
               "patch_test": patch, "first_tokens": first_desc}
-    _write_json(out / "causal.json", causal)
+    _write_json(out / Files.CAUSAL, causal)
     chat_model = loaded[sources[c].model]
     diff = activation_difference(store, b, c, cfg.lens_positions, progress=cfg.progress)
-    lens = {"n_positions": cfg.lens_positions, "count_per_position": diff["count_P"].tolist(),
-            "norm": float(diff["delta_D"].norm()),
+    lens = {Lens.N_POSITIONS: cfg.lens_positions,
+            Lens.COUNT_PER_POSITION: diff["count_P"].tolist(),
+            Lens.NORM: float(diff["delta_D"].norm()),
             **lens_tokens(diff["delta_D"], chat_model, tokenizer, cfg.lens_top)}
-    _write_json(out / "lens.json", lens)
-    result = {"causal": causal, "lens": {k: lens[k] for k in ("norm", "promoted")}}
+    _write_json(out / Files.LENS, lens)
+    result = {Summary.CAUSAL: causal,
+              Summary.LENS: {k: lens[k] for k in (Lens.NORM, Lens.PROMOTED)}}
     if cfg.steer_prompts:
         pick = truly if len(truly) else chat_only
-        pick = sorted(pick, key=lambda i: -df["max_act"].to_numpy()[i])[: cfg.steer_latents]
+        pick = sorted(pick, key=lambda i: -df[MAX_ACT].to_numpy()[i])[: cfg.steer_latents]
         records = []
         for latent in pick:
-            scale = float(df["max_act"].to_numpy()[latent])
+            scale = float(df[MAX_ACT].to_numpy()[latent])
             records += steer(chat_model, tokenizer, model, int(latent), c, sources[c],
                              cfg.steer_prompts, scales=[0.0, scale, 2 * scale])
-        _write_json(out / "steering.json", records)
-        result["steering"] = {"file": "steering.json", "latents": [int(i) for i in pick]}
+        _write_json(out / Files.STEERING, records)
+        result[Summary.STEERING] = {"file": Files.STEERING,
+                                    "latents": [int(i) for i in pick]}
     return result

@@ -1,24 +1,16 @@
 """The latent table: one row per latent for two chosen sources (base, chat) of a crosscoder.
 
-Columns (norms in normalised units, ``Crosscoder.decoder_norms``):
+Its columns, with dtype, meaning and which run writes them, are listed in
+``crosscoders.diff.schema`` (the names both this module and the report use). In short:
+decoder norms, relative norms (``rel_norm``, Minder's ``dnorm``) and the ``category`` from
+the weights; the graded view (``crosscoders.diff.graded``: ``chat_leaning`` /
+``base_leaning`` beyond the null at the chosen FDR, ``dead`` / ``rare`` for latents that
+(nearly) never fired, ``diff_score``); firing statistics with data; Latent Scaling betas
+and ratios for a subset (NaN outside it; ``ls_ref`` the reference source: chat for
+chat-only latents and the shared control, base for base-only latents, mirrored).
 
-- ``latent``, ``norm_base``, ``norm_chat``, ``rel_norm`` (``n_chat / (n_base + n_chat)``),
-  ``dnorm`` (Minder's ``0.5 * (1 + (n_chat - n_base) / max)``, oriented 1 = chat-only),
-  ``category``: the graded view (``crosscoders.diff.graded``): the preset's label, with
-  ``chat_leaning`` / ``base_leaning`` for latents whose relative norm lies beyond the null
-  at the chosen FDR, and ``dead`` / ``rare`` for latents that (nearly) never fired;
-  ``preset_category`` the preset's label alone; ``rel_norm_z``, ``rel_norm_p``,
-  ``rel_norm_q``, ``diff_score``; ``dec_cos`` (also as ``cos``), ``enc_cos``;
-- with data: ``n_fires``, ``freq``, ``mean_act`` (over firing tokens), ``max_act``,
-  ``special_share``;
-- with Latent Scaling: ``beta_{base,chat}_{recon,err}``, ``nu_r``, ``nu_eps``, ``ls_ref``
-  (the reference source: chat for chat-only latents and the shared control, base for
-  base-only latents, mirrored), ``truly_exclusive``, ``truly_chat_only``,
-  ``truly_base_only``, and ``nu_r_z``, ``nu_eps_z``, ``ls_q`` (the ratios against the
-  shared control). Latents outside the subset have NaN betas.
-
-The column names use the source names given as ``base_name`` / ``chat_name`` only in the
-summary; the table always says ``base`` and ``chat`` so that notebooks can rely on them.
+The source names (``model.config.names``) appear only in the summary; the table always says
+``base`` and ``chat`` so that notebooks can rely on them.
 """
 
 from __future__ import annotations
@@ -52,11 +44,35 @@ from crosscoders.diff.latent_scaling import (
     TrulyExclusiveRule,
     pick_latents,
 )
+from crosscoders.diff.schema import (
+    BETA_BASE_ERR,
+    BETA_BASE_RECON,
+    BETA_CHAT_ERR,
+    BETA_CHAT_RECON,
+    CATEGORY,
+    COS,
+    DEC_COS,
+    DNORM,
+    ENC_COS,
+    FREQ,
+    LATENT,
+    LS_REF,
+    N_FIRES,
+    NORM_BASE,
+    NORM_CHAT,
+    NU_EPS,
+    NU_R,
+    PRESET_CATEGORY,
+    REL_NORM,
+    TRULY_BASE_ONLY,
+    TRULY_CHAT_ONLY,
+    TRULY_EXCLUSIVE,
+    Files,
+    Summary,
+)
 from crosscoders.diff.stats import ActivationStats, analysis_pass, as_rows
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write, atomic_write_text
-
-TABLE_FILES = ("latents.parquet", "latents.csv", "summary.json")
 
 
 def resolve_source(model: Any, source: int | str) -> int:
@@ -101,15 +117,15 @@ def weight_columns(
     enc = model.W_enc.detach().cpu()  # [S, D, F]
     dec_cos = _cosine(W[:, b], W[:, c])
     return {
-        "latent": np.arange(W.shape[0]),
-        "norm_base": norms_FS[:, b].double().numpy(),
-        "norm_chat": norms_FS[:, c].double().numpy(),
-        "rel_norm": rel.double().numpy(),
-        "dnorm": dnorm.double().numpy(),
-        "category": labels_from_scores(score, thresholds),
-        "cos": dec_cos,
-        "dec_cos": dec_cos,
-        "enc_cos": _cosine(enc[b].T, enc[c].T),
+        LATENT: np.arange(W.shape[0]),
+        NORM_BASE: norms_FS[:, b].double().numpy(),
+        NORM_CHAT: norms_FS[:, c].double().numpy(),
+        REL_NORM: rel.double().numpy(),
+        DNORM: dnorm.double().numpy(),
+        CATEGORY: labels_from_scores(score, thresholds),
+        COS: dec_cos,
+        DEC_COS: dec_cos,
+        ENC_COS: _cosine(enc[b].T, enc[c].T),
     }
 
 
@@ -143,11 +159,11 @@ class LatentTable:
         """Write ``latents.parquet``, ``latents.csv`` and ``summary.json`` (atomically)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "latents.parquet", lambda tmp: self.df.to_parquet(tmp, index=False))
-        atomic_write(out / "latents.csv", lambda tmp: self.df.to_csv(tmp, index=False))
-        atomic_write_text(
-            out / "summary.json", json.dumps(self.summary, indent=2, default=_json_default) + "\n"
-        )
+        atomic_write(out / Files.LATENTS_PARQUET,
+                     lambda tmp: self.df.to_parquet(tmp, index=False))
+        atomic_write(out / Files.LATENTS_CSV, lambda tmp: self.df.to_csv(tmp, index=False))
+        atomic_write_text(out / Files.SUMMARY,
+                          json.dumps(self.summary, indent=2, default=_json_default) + "\n")
         return out
 
     @classmethod
@@ -155,9 +171,8 @@ class LatentTable:
         import pandas as pd
 
         out = Path(out_dir)
-        return cls(
-            pd.read_parquet(out / "latents.parquet"), json.loads((out / "summary.json").read_text())
-        )
+        return cls(pd.read_parquet(out / Files.LATENTS_PARQUET),
+                   json.loads((out / Files.SUMMARY).read_text()))
 
 
 def _json_default(value: Any) -> Any:
@@ -208,20 +223,21 @@ def latent_table(
     cols = weight_columns(model, b, c, thresholds)
     names = model.config.names
     summary: dict[str, Any] = {
-        "sources": {"base": names[b], "chat": names[c], "base_index": b, "chat_index": c},
-        "preset": preset if isinstance(preset, str) else "custom",
-        "thresholds": thresholds.to_dict(),
+        Summary.SOURCES: {"base": names[b], "chat": names[c], "base_index": b,
+                          "chat_index": c},
+        Summary.PRESET: preset if isinstance(preset, str) else "custom",
+        Summary.THRESHOLDS: thresholds.to_dict(),
         "rel_norm_conventions": {
-            "rel_norm": "n_chat / (n_base + n_chat): 0 base-only, 0.5 shared, 1 chat-only",
-            "dnorm": "0.5 * (1 + (n_chat - n_base) / max(n_base, n_chat)): 1 chat-only",
+            REL_NORM: "n_chat / (n_base + n_chat): 0 base-only, 0.5 shared, 1 chat-only",
+            DNORM: "0.5 * (1 + (n_chat - n_base) / max(n_base, n_chat)): 1 chat-only",
             "category_uses": thresholds.convention,
         },
-        "n_latents": int(model.dict_size),
+        Summary.N_LATENTS: int(model.dict_size),
     }
     fixed = designated_latents(model, b, c)
     if data is None:
         if graded is not None:
-            new, summary["graded"] = grade(cols, None, graded, fixed)
+            new, summary[Summary.GRADED] = grade(cols, None, graded, fixed)
             cols.update(new)
         _add_counts(summary, cols, graded)
         return LatentTable(pd.DataFrame(cols), summary)
@@ -256,18 +272,18 @@ def latent_table(
     rec["fvu"] = {names[s]: v for s, v in enumerate(rec["fvu"])}
     summary.update(rec)
     if graded is not None:
-        new, summary["graded"] = grade(cols, cols["n_fires"], graded, fixed)
+        new, summary[Summary.GRADED] = grade(cols, cols[N_FIRES], graded, fixed)
         cols.update(new)
     _add_counts(summary, cols, graded)
     if ls_runs:
         _add_latent_scaling(cols, [(a.result(), ref) for a, ref in accs], rule)
-        control = (cols["category"] == "shared") & (cols["ls_ref"] == "chat") & ~np.isin(
-            cols["latent"], np.concatenate(candidates))
-        summary["latent_scaling"] = _ls_summary(cols, rule, latent_scaling, control)
+        control = (cols[CATEGORY] == "shared") & (cols[LS_REF] == "chat") & ~np.isin(
+            cols[LATENT], np.concatenate(candidates))
+        ls = summary[Summary.LATENT_SCALING] = _ls_summary(cols, rule, latent_scaling, control)
         if graded is not None:
-            new, summary["latent_scaling"]["null"] = ls_scores(cols, control, graded.fdr)
+            new, ls["null"] = ls_scores(cols, control, graded.fdr)
             cols.update(new)
-            summary["latent_scaling"]["n_leaning_candidates"] = {
+            ls["n_leaning_candidates"] = {
                 "chat": int(len(candidates[0])), "base": int(len(candidates[1]))}
     return LatentTable(pd.DataFrame(cols), summary)
 
@@ -277,12 +293,12 @@ def _add_counts(summary: dict[str, Any], cols: dict[str, np.ndarray],
     """``counts`` (every category of ``category``), ``preset_counts`` (the preset's labels
     alone) and, with data, ``alive_counts`` (latents that fired)."""
     names = GRADED_CATEGORIES if graded is not None else CATEGORIES
-    summary["counts"] = {k: int((cols["category"] == k).sum()) for k in names}
-    preset = cols.get("preset_category", cols["category"])
-    summary["preset_counts"] = {k: int((preset == k).sum()) for k in CATEGORIES}
-    if "freq" in cols:
-        summary["alive_counts"] = {
-            k: int(((cols["category"] == k) & (cols["freq"] > 0)).sum()) for k in names
+    summary[Summary.COUNTS] = {k: int((cols[CATEGORY] == k).sum()) for k in names}
+    preset = cols.get(PRESET_CATEGORY, cols[CATEGORY])
+    summary[Summary.PRESET_COUNTS] = {k: int((preset == k).sum()) for k in CATEGORIES}
+    if FREQ in cols:
+        summary[Summary.ALIVE_COUNTS] = {
+            k: int(((cols[CATEGORY] == k) & (cols[FREQ] > 0)).sum()) for k in names
         }
 
 
@@ -295,12 +311,12 @@ def _latent_scaling_runs(
         if spec == "none":
             return []
         if spec == "all":
-            return [(cols["latent"], "chat")]
+            return [(cols[LATENT], "chat")]
         if spec != "auto":
             raise ConfigError(
                 f"latent_scaling={spec!r}: use 'auto', 'all', 'none' or an array of latents"
             )
-        cats = np.asarray(cols["category"]).astype(object).copy()
+        cats = np.asarray(cols[CATEGORY]).astype(object).copy()
         cats[np.concatenate(candidates)] = "candidate"  # never in the shared control
         n_chat = int((cats == "chat_only").sum())
         if max_latents is not None:
@@ -309,10 +325,10 @@ def _latent_scaling_runs(
             else 0
         chat, control = pick_latents(
             cats, "chat_only", n_control=n_control, max_latents=max_latents, seed=seed,
-            score=cols["rel_norm"],
+            score=cols[REL_NORM],
         )
         base, _ = pick_latents(
-            cats, "base_only", max_latents=max_latents, seed=seed, score=-cols["rel_norm"]
+            cats, "base_only", max_latents=max_latents, seed=seed, score=-cols[REL_NORM]
         )
         return [(np.union1d(np.union1d(chat, control), candidates[0]), "chat"),
                 (np.union1d(base, candidates[1]), "base")]
@@ -320,38 +336,28 @@ def _latent_scaling_runs(
 
 
 def _add_latent_scaling(cols: dict[str, np.ndarray], results: list, rule: Any) -> None:
-    F_ = len(cols["latent"])
-    names = (
-        "beta_base_recon",
-        "beta_chat_recon",
-        "beta_base_err",
-        "beta_chat_err",
-        "nu_r",
-        "nu_eps",
-    )
-    for name in names:
+    F_ = len(cols[LATENT])
+    for name in (BETA_BASE_RECON, BETA_CHAT_RECON, BETA_BASE_ERR, BETA_CHAT_ERR, NU_R, NU_EPS):
         cols[name] = np.full(F_, np.nan)
-    cols["ls_ref"] = np.full(F_, "", dtype=object)
-    cols["truly_exclusive"] = np.zeros(F_, dtype=bool)
+    cols[LS_REF] = np.full(F_, "", dtype=object)
+    cols[TRULY_EXCLUSIVE] = np.zeros(F_, dtype=bool)
     for res, ref in results:
         other = "base" if ref == "chat" else "chat"
         for name, value in res.columns((other, ref), rule).items():
-            cols[name][res.latents] = value
-        cols["ls_ref"][res.latents] = ref
-    cols["ls_ref"] = cols["ls_ref"].astype(str)
-    cat = cols["category"]
-    cols["truly_chat_only"] = (
-        (cat == "chat_only") & (cols["ls_ref"] == "chat") & cols["truly_exclusive"]
-    )
-    cols["truly_base_only"] = (
-        (cat == "base_only") & (cols["ls_ref"] == "base") & cols["truly_exclusive"]
-    )
+            cols[name][res.latents] = value  # beta_{base,chat}_{recon,err}, nu_r, ...
+        cols[LS_REF][res.latents] = ref
+    cols[LS_REF] = cols[LS_REF].astype(str)
+    cat = cols[CATEGORY]
+    cols[TRULY_CHAT_ONLY] = (cat == "chat_only") & (cols[LS_REF] == "chat") & cols[
+        TRULY_EXCLUSIVE]
+    cols[TRULY_BASE_ONLY] = (cat == "base_only") & (cols[LS_REF] == "base") & cols[
+        TRULY_EXCLUSIVE]
 
 
 def _ls_summary(cols: dict[str, np.ndarray], rule: Any, spec: Any,
                 control: np.ndarray) -> dict[str, Any]:
     rule = rule or TrulyExclusiveRule()
-    cat, ref = cols["category"], cols["ls_ref"]
+    cat, ref = cols[CATEGORY], cols[LS_REF]
 
     def med(mask: np.ndarray, name: str) -> float | None:
         vals = cols[name][mask]
@@ -362,16 +368,16 @@ def _ls_summary(cols: dict[str, np.ndarray], rule: Any, spec: Any,
         "subset": spec if isinstance(spec, str) else "custom",
         "rule": rule.to_dict(),
         "n_chat_only_scaled": int(((cat == "chat_only") & (ref == "chat")).sum()),
-        "n_truly_chat_only": int(cols["truly_chat_only"].sum()),
+        "n_truly_chat_only": int(cols[TRULY_CHAT_ONLY].sum()),
         "n_base_only_scaled": int(((cat == "base_only") & (ref == "base")).sum()),
-        "n_truly_base_only": int(cols["truly_base_only"].sum()),
+        "n_truly_base_only": int(cols[TRULY_BASE_ONLY].sum()),
         "n_shared_control": int(control.sum()),
         "median_nu_r": {
-            "chat_only": med((cat == "chat_only") & (ref == "chat"), "nu_r"),
-            "shared_control": med(control, "nu_r"),
+            "chat_only": med((cat == "chat_only") & (ref == "chat"), NU_R),
+            "shared_control": med(control, NU_R),
         },
         "median_nu_eps": {
-            "chat_only": med((cat == "chat_only") & (ref == "chat"), "nu_eps"),
-            "shared_control": med(control, "nu_eps"),
+            "chat_only": med((cat == "chat_only") & (ref == "chat"), NU_EPS),
+            "shared_control": med(control, NU_EPS),
         },
     }

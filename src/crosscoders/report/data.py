@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from crosscoders.diff.schema import check_columns
 from crosscoders.errors import CrosscodersError
 
 Token = str
@@ -39,10 +40,12 @@ class Example:
 class ReportData:
     """Everything the HTML report shows.
 
-    - ``latents``: per-latent table, a pandas DataFrame or a dict of equal-length columns.
-      Needs ``latent`` (int id) and ``category``; the columns the plots use when present:
-      ``rel_norm``, ``cos``, ``n_base``, ``n_chat``, ``freq``, ``max_act``, ``nu_r``,
-      ``nu_eps``, ``truly_chat_only``. Any other column is shown in the browser and sortable.
+    - ``latents``: per-latent table, a pandas DataFrame or a dict of equal-length columns,
+      named as ``crosscoders diff`` names them (``crosscoders.diff.schema``). Needs
+      ``latent`` (int id) and ``category``; the columns the plots use when present:
+      ``rel_norm`` (else ``dnorm``), ``dec_cos``, ``norm_base``, ``norm_chat``, ``freq``,
+      ``max_act``, ``nu_r``, ``nu_eps``, ``truly_chat_only``, ``diff_score``. Any other
+      column is shown in the browser and sortable.
     - ``summary``: JSON-able dict (thresholds, preset, counts, sources ...), shown as is.
     - ``config``: the run's configuration (``run.json`` / ``config.json``), shown as is.
     - ``metrics``: trainer records (``step``, ``split``, ``loss``, ``fvu/<source>`` ...).
@@ -82,13 +85,7 @@ class ReportData:
                 f"ReportData.latents must be a pandas DataFrame or a dict of columns, "
                 f"got {type(table).__name__}"
             )
-        for required in ("latent", "category"):
-            if required not in cols:
-                raise CrosscodersError(
-                    f"the latent table has no {required!r} column (columns: {sorted(cols)}); "
-                    "it needs 'latent' and 'category': pass the output directory of "
-                    "`crosscoders diff`, or re-run it"
-                )
+        check_columns(cols, "the latent table")
         lengths = {name: len(col) for name, col in cols.items()}
         if len(set(lengths.values())) > 1:
             raise CrosscodersError(f"latent table columns differ in length: {lengths}")

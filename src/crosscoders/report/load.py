@@ -1,6 +1,8 @@
 """Read a diffing output directory (and optionally a training run directory) into ReportData.
 
-Each file format has its own small adapter, so a change in a producer touches one function:
+File names, table columns and JSON keys are those of ``crosscoders.diff.schema``, the names
+``crosscoders diff`` writes through; nothing else is looked for. Each file format has its
+own small adapter, so a change in a producer touches one function:
 
 ==========================  =========================================================
 diff dir file               adapter
@@ -16,8 +18,9 @@ act_hists.json              {latent: [edges, counts]}
 explanations.json           ``interp.results.merge_explanations`` (table columns)
 ==========================  =========================================================
 
-Run dir: ``metrics.jsonl`` (trainer records), ``run.json`` or ``config.json``.
-Missing optional files leave their section out of the report.
+Run dir (``--run``, else ``summary.json``'s ``run_dir``, else the diff dir or its parent):
+``metrics.jsonl`` (trainer records), ``run.json`` or ``config.json``. Missing optional files
+leave their section out of the report.
 """
 
 from __future__ import annotations
@@ -30,16 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from crosscoders.diff.schema import LATENT_FILES, Files, Lens, Similarity, Summary, check_table
 from crosscoders.errors import CrosscodersError
 from crosscoders.interp.results import merge_explanations
 from crosscoders.io import read_json, unreadable
 from crosscoders.report.data import Example, ReportData
 
-LATENT_FILES = ("latents.parquet", "latents.csv")
-EXAMPLE_FILES = ("examples.db", "examples.sqlite", "examples.parquet")
-SIMILARITY_FILES = ("similarity.json", "cka.json")
-LENS_FILES = ("lens.json", "activation_lens.json", "act_diff_lens.json")
-RUN_POINTERS = ("run_dir", "crosscoder", "crosscoder_dir", "model_dir")
+#: examples as ``crosscoders diff`` writes them, else from a table of the user's
+EXAMPLE_FILES = (Files.EXAMPLES, Files.EXAMPLES_PARQUET)
 
 
 def load_report_data(
@@ -60,7 +61,7 @@ def load_report_data(
         raise CrosscodersError(
             f"{diff_dir} is not a directory; pass the output directory of `crosscoders diff`"
         )
-    summary = _read_json(diff_dir / "summary.json") or {}
+    summary = _read_json(diff_dir / Files.SUMMARY) or {}
     latents = merge_explanations(read_latent_table(diff_dir), diff_dir)  # `explain`'s columns
     data = ReportData(latents=latents, summary=summary)
 
@@ -73,15 +74,14 @@ def load_report_data(
                                                 max_examples, token_strings)
         else:
             data.examples = examples_from_sqlite(found, max_examples, token_strings)
-    sim = _first(diff_dir, SIMILARITY_FILES)
-    data.similarity = similarity_adapter(_read_json(sim) if sim else summary.get("similarity"))
-    lens = _first(diff_dir, LENS_FILES)
-    data.lens = lens_adapter(_read_json(lens) if lens else summary.get("lens"))
-    if (diff_dir / "top_tokens.json").exists():
-        data.top_tokens = top_tokens_adapter(_read_json(diff_dir / "top_tokens.json"))
-    if (diff_dir / "act_hists.json").exists():
+    data.similarity = similarity_adapter(_read_json(diff_dir / Files.SIMILARITY)
+                                         or summary.get(Summary.SIMILARITY))
+    data.lens = lens_adapter(_read_json(diff_dir / Files.LENS) or summary.get(Summary.LENS))
+    if (diff_dir / Files.TOP_TOKENS).exists():
+        data.top_tokens = top_tokens_adapter(_read_json(diff_dir / Files.TOP_TOKENS))
+    if (diff_dir / Files.ACT_HISTS).exists():
         data.act_hists = {int(k): (v[0], v[1]) for k, v in
-                          _read_json(diff_dir / "act_hists.json").items()}
+                          _read_json(diff_dir / Files.ACT_HISTS).items()}
 
     run = Path(run_dir) if run_dir is not None else find_run_dir(diff_dir, summary)
     if run is not None:
@@ -97,7 +97,8 @@ def load_report_data(
 
 
 def read_latent_table(diff_dir: Path) -> Any:
-    """The latent table as a DataFrame (Parquet preferred, CSV otherwise)."""
+    """The latent table as a DataFrame (Parquet preferred, CSV otherwise), checked against
+    the schema: the required columns present, numeric columns numeric."""
     import pandas as pd
 
     found = _first(diff_dir, LATENT_FILES)
@@ -106,14 +107,17 @@ def read_latent_table(diff_dir: Path) -> Any:
             f"{diff_dir} has no latent table ({' or '.join(LATENT_FILES)}); run "
             "`crosscoders diff` first or pass its output directory"
         )
-    return _read_table(found, pd.read_parquet if found.suffix == ".parquet" else pd.read_csv)
+    df = _read_table(found, pd.read_parquet if found.suffix == ".parquet" else pd.read_csv)
+    check_table(df, found)
+    return df
 
 
 def find_run_dir(diff_dir: Path, summary: Mapping[str, Any]) -> Path | None:
-    """The training run that produced ``diff_dir``: named in the summary, the diff dir
-    itself, or its parent (``runs/cc/diff``) -- whichever holds ``metrics.jsonl``."""
-    candidates = [Path(str(summary[k])) for k in RUN_POINTERS
-                  if isinstance(summary.get(k), str)]
+    """The training run that produced ``diff_dir``: the one the summary records
+    (``run_dir``), the diff dir itself, or its parent (``runs/cc/diff``) -- whichever holds
+    ``metrics.jsonl``."""
+    recorded = summary.get(Summary.RUN_DIR)
+    candidates = [Path(recorded)] if isinstance(recorded, str) else []
     candidates += [diff_dir, diff_dir.parent]
     for c in candidates:
         if (c / "metrics.jsonl").exists():
@@ -241,16 +245,16 @@ def _listish(value: Any) -> list | None:
 def similarity_adapter(obj: Any) -> dict:
     """CKA / SVCCA results as ``{metric: value}`` or ``{metric: {pair: value}}``.
 
-    Accepts scalars, ``{pair: value}`` dicts, and matrices ``[[...]]`` with optional
-    ``rows`` / ``cols`` (or ``base_sites`` / ``chat_sites``) naming their axes.
+    Reads ``similarity.json`` (matrices ``[[...]]`` whose axes ``rows`` / ``cols`` name)
+    or the summary's copy (matrices alone); scalars and ``{pair: value}`` dicts pass as is.
     """
     if not isinstance(obj, Mapping):
         return {}
-    rows = obj.get("rows") or obj.get("base_sites") or obj.get("base")
-    cols = obj.get("cols") or obj.get("chat_sites") or obj.get("chat")
+    rows = obj.get(Similarity.ROWS)
+    cols = obj.get(Similarity.COLS)
     out: dict[str, Any] = {}
     for key, value in obj.items():
-        if key in ("rows", "cols", "base_sites", "chat_sites", "base", "chat"):
+        if key in (Similarity.ROWS, Similarity.COLS):
             continue
         arr = np.asarray(value, dtype=object) if isinstance(value, list) else None
         if arr is not None and arr.ndim == 2:
@@ -259,7 +263,7 @@ def similarity_adapter(obj: Any) -> dict:
                 for j, v in enumerate(row):
                     r = rows[i] if isinstance(rows, list) and i < len(rows) else f"base {i}"
                     c = cols[j] if isinstance(cols, list) and j < len(cols) else f"chat {j}"
-                    named[f"{r} / {c}" if (r, c) != ("base 0", "chat 0") else "value"] = v
+                    named[f"{r} / {c}"] = v
             out[key] = named if len(named) > 1 else next(iter(named.values()))
         elif isinstance(value, (int, float, Mapping)) and not isinstance(value, bool):
             out[key] = value
@@ -267,37 +271,19 @@ def similarity_adapter(obj: Any) -> dict:
 
 
 def lens_adapter(obj: Any) -> list[dict]:
-    """Activation-difference lens as a list of ``{position, promoted, suppressed, norm}``.
-
-    Accepts such a list, ``{"positions": [...]}``, or ``{position: {...}}``; ``top`` /
-    ``bottom`` are read as promoted / suppressed; token lists may be ``[[tok, v], ...]``
-    or ``{"tokens": [...], "values": [...]}``.
-    """
-    if isinstance(obj, Mapping):
-        if any(k in obj for k in ("promoted", "top", "suppressed", "bottom")):
-            obj = [dict(obj, position=obj.get("position", "mean of the first tokens"))]
-        elif "positions" in obj:
-            obj = obj["positions"]
-        else:
-            obj = [dict(v, position=v.get("position", k)) for k, v in obj.items()
-                   if isinstance(v, Mapping)]
-    if not isinstance(obj, list):
+    """The activation-difference lens (``lens.json``, or the summary's copy) as the one
+    entry ``{position, promoted, suppressed, norm}`` of ``ReportData.lens``: the lens reads
+    the mean difference over the first tokens."""
+    if not isinstance(obj, Mapping):
         return []
-    out = []
-    for i, entry in enumerate(obj):
-        if not isinstance(entry, Mapping):
-            continue
-        rec: dict[str, Any] = {"position": entry.get("position", i)}
-        for key, names in (("promoted", ("promoted", "top", "positive")),
-                           ("suppressed", ("suppressed", "bottom", "negative"))):
-            found = next((entry[n] for n in names if n in entry), None)
-            if found is not None:
-                rec[key] = _pairs(found)
-        norm = entry.get("norm")
-        if isinstance(norm, (int, float)):
-            rec["norm"] = norm
-        out.append(rec)
-    return out
+    rec: dict[str, Any] = {"position": "mean of the first tokens"}
+    for key in (Lens.PROMOTED, Lens.SUPPRESSED):
+        if obj.get(key) is not None:
+            rec[key] = _pairs(obj[key])
+    norm = obj.get(Lens.NORM)
+    if isinstance(norm, (int, float)):
+        rec["norm"] = norm
+    return [rec] if len(rec) > 1 else []
 
 
 def top_tokens_adapter(obj: Any) -> dict[int, dict[str, list[tuple[str, float]]]]:
@@ -309,16 +295,12 @@ def top_tokens_adapter(obj: Any) -> dict[int, dict[str, list[tuple[str, float]]]
 
 
 def _pairs(value: Any) -> list[tuple[str, float]]:
-    """Token scores from ``[[tok, v], ...]``, ``[{"token": t, "logit": v}, ...]`` or
-    ``{"tokens": [...], "values": [...]}``."""
-    if isinstance(value, Mapping) and "tokens" in value:
-        return [(str(t), float(v)) for t, v in zip(value["tokens"], value["values"])]
+    """Token scores from ``[[tok, v], ...]`` (top tokens) or ``[{"token": t, "logit": v},
+    ...]`` (the lens)."""
     out = []
     for p in value:
         if isinstance(p, Mapping):
-            tok = p.get("token", p.get("token_id"))
-            val = next((p[k] for k in ("logit", "value", "score") if k in p), 0.0)
-            out.append((str(tok), float(val)))
+            out.append((str(p[Lens.TOKEN]), float(p[Lens.LOGIT])))
         else:
             out.append((str(p[0]), float(p[1])))
     return out

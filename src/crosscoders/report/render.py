@@ -10,7 +10,9 @@ Layout of the embedded data, chosen so that a 16k-latent report opens fast:
   only when a card in it is opened, so load time does not grow with the example count
   beyond reading the text.
 
-The plots are inline SVG drawn by ``static/report.js`` in the browser, from the table.
+The plots are inline SVG drawn in the browser, from the table, by the scripts in ``static/``
+(``SCRIPTS``: one file per purpose, concatenated in that order into the page's one
+``<script>``; they share the namespace object ``CC``).
 With the graded view (``crosscoders.diff.graded``) the relative-norm plot shades the null
 band (``summary.graded.band``), dead and rare latents are left out of the category plots
 unless the reader asks for them, and the feature browser opens sorted by ``diff_score``.
@@ -28,31 +30,45 @@ from typing import Any
 
 import numpy as np
 
+from crosscoders.diff.schema import (
+    CATEGORY,
+    COLUMNS,
+    COS,
+    DEC_COS,
+    DIFF_SCORE,
+    DNORM,
+    FREQ,
+    LATENT,
+    MAX_ACT,
+    NORM_BASE,
+    NORM_CHAT,
+    NU_EPS,
+    NU_R,
+    REL_NORM,
+    TRULY_CHAT_ONLY,
+)
 from crosscoders.io import atomic_write_text
 from crosscoders.report.data import Example, ReportData, clean_json, round_sig
 
-# Columns the plots and cards use, by role, with the names they may have in a table.
-ROLE_ALIASES: dict[str, tuple[str, ...]] = {
-    "rel_norm": ("rel_norm", "relative_norm"),
-    "dnorm": ("dnorm", "minder_dnorm"),
-    "cos": ("cos", "dec_cos", "decoder_cos"),
-    "n_base": ("n_base", "norm_base", "dec_norm_base"),
-    "n_chat": ("n_chat", "norm_chat", "dec_norm_chat"),
-    "freq": ("freq", "frequency", "firing_rate"),
-    "max_act": ("max_act", "max_activation"),
-    "nu_r": ("nu_r",),
-    "nu_eps": ("nu_eps",),
-    "truly_chat_only": ("truly_chat_only",),
-    "diff_score": ("diff_score",),
+# The columns the plots and cards draw, by the role the page's scripts know them by.
+PLOT_COLUMNS: dict[str, str] = {
+    "rel_norm": REL_NORM, "dnorm": DNORM, "cos": DEC_COS, "n_base": NORM_BASE,
+    "n_chat": NORM_CHAT, "freq": FREQ, "max_act": MAX_ACT, "nu_r": NU_R, "nu_eps": NU_EPS,
+    "truly_chat_only": TRULY_CHAT_ONLY, "diff_score": DIFF_SCORE,
 }
+# Preview columns the page adds: the strongest tokens of a latent's examples, and the
+# tokens its chat decoder promotes.
+TOP_ACT_TOKENS = "top_act_tokens"
+PROMOTES = "promotes"
 # Shown first, in this order, when present; other columns follow in table order.
-PREFERRED_COLUMNS = tuple(dict.fromkeys(
-    ("latent", "category", "diff_score", "top_act_tokens", "promotes")
-    + tuple(name for names in ROLE_ALIASES.values() for name in names)
-))
+PREFERRED_COLUMNS = (LATENT, CATEGORY, DIFF_SCORE, TOP_ACT_TOKENS, PROMOTES, REL_NORM, DNORM,
+                     COS, DEC_COS, NORM_BASE, NORM_CHAT, FREQ, MAX_ACT, NU_R, NU_EPS,
+                     TRULY_CHAT_ONLY)
 # Categories in the order of the relative-norm axis; latents that (nearly) never fired last.
 CATEGORY_ORDER = ("base_only", "base_leaning", "shared", "chat_leaning", "chat_only", "other",
                   "rare", "dead")
+#: the page's scripts, in the order they run: each reads what the earlier ones put in ``CC``
+SCRIPTS = ("data.js", "dom.js", "charts.js", "sections.js", "card.js", "table.js", "main.js")
 _TOKEN_MARKERS = {"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"}
 
 
@@ -93,18 +109,18 @@ def build_payload(
 ) -> tuple[dict, list[dict]]:
     """The JSON embedded in the page: (main payload, per-chunk card data)."""
     cols = data.columns()
-    ids = [int(i) for i in cols["latent"]]
+    ids = [int(i) for i in cols[LATENT]]
     vocab = _Vocab()
 
     examples = {int(k): [_as_example(e) for e in v[:max_examples]]
                 for k, v in data.examples.items()}
     previews: dict[str, list[str]] = {}
     if examples:
-        previews["top_act_tokens"] = [
+        previews[TOP_ACT_TOKENS] = [
             " · ".join(_top_activating(examples.get(i, []), n_preview)) for i in ids
         ]
     if data.top_tokens:
-        previews["promotes"] = [
+        previews[PROMOTES] = [
             " · ".join(_promoted(data.top_tokens.get(i, {}), n_preview)) for i in ids
         ]
 
@@ -136,7 +152,7 @@ def build_payload(
         "n_chunks": len(chunks),
         "has_examples": bool(examples),
         "has_top_tokens": bool(data.top_tokens),
-        "categories": _category_order(cols["category"]),
+        "categories": _category_order(cols[CATEGORY]),
         "roles": column_roles(cols),
         "table": table,
         "summary": clean_json(data.summary, 6),
@@ -151,13 +167,8 @@ def build_payload(
 
 # ------------------------------------------------------------------ pieces
 def column_roles(cols: dict[str, np.ndarray]) -> dict[str, str]:
-    """Role -> the table's column playing it (first alias present), for the roles present."""
-    roles = {}
-    for role, names in ROLE_ALIASES.items():
-        found = next((n for n in names if n in cols), None)
-        if found is not None:
-            roles[role] = found
-    return roles
+    """Role -> the column playing it (:data:`PLOT_COLUMNS`), for the columns present."""
+    return {role: name for role, name in PLOT_COLUMNS.items() if name in cols}
 
 
 class _Vocab:
@@ -239,11 +250,11 @@ def _promoted(per_model: dict[str, list], n: int) -> list[str]:
 
 
 def _column_kind(name: str, col: np.ndarray) -> str:
-    if name == "category":
+    if name == CATEGORY:
         return "cat"
-    if col.dtype == bool or name.startswith(("is_", "truly_")):
-        if col.dtype == bool or set(np.unique(col[~_isnull(col)])) <= {0, 1}:
-            return "bool"
+    if col.dtype == bool or (name in COLUMNS and COLUMNS[name].dtype == "bool"
+                             and set(np.unique(col[~_isnull(col)])) <= {0, 1}):
+        return "bool"
     if np.issubdtype(col.dtype, np.integer):
         return "int"
     if np.issubdtype(col.dtype, np.floating):
@@ -312,6 +323,10 @@ def _static(name: str) -> str:
     return resources.files("crosscoders.report").joinpath("static", name).read_text("utf-8")
 
 
+def _scripts() -> str:
+    return "\n".join(_static(name) for name in SCRIPTS)
+
+
 def _html_page(payload: dict, chunks: list[dict]) -> str:
     chunk_tags = "\n".join(
         f'<script type="application/json" id="chunk-{n}">{_json_for_script(c)}</script>'
@@ -336,7 +351,7 @@ fetched from the network).</p></noscript>
 <script type="application/json" id="report-data">{_json_for_script(payload)}</script>
 {chunk_tags}
 <script>
-{_static("report.js")}
+{_scripts()}
 </script>
 </body>
 </html>
