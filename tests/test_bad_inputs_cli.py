@@ -20,7 +20,10 @@ from safetensors.torch import load_file
 
 import crosscoders.cli as cli
 from crosscoders import Crosscoder, CrosscoderConfig
+from crosscoders.cli import bench as cli_bench
+from crosscoders.cli import init as cli_init
 from crosscoders.cli import main
+from crosscoders.cli import train as cli_train
 from crosscoders.configs import read_config_file
 from crosscoders.data import load_activation_file
 from crosscoders.diff.run import DiffConfig, run_diff
@@ -309,7 +312,7 @@ def _boom(args):
 
 def test_unexpected_error_is_one_line_and_a_log_in_the_output_dir(world, tmp_path, capsys,
                                                                    monkeypatch):
-    monkeypatch.setattr(cli, "_run_train", _boom)
+    monkeypatch.setattr(cli_train, "run", _boom)
     out = tmp_path / "run"
     out.mkdir()
     code = main(["train", "--data", str(world["root"] / "acts.pt"), "--out", str(out)])
@@ -324,7 +327,7 @@ def test_unexpected_error_is_one_line_and_a_log_in_the_output_dir(world, tmp_pat
 
 def test_unexpected_error_without_output_dir_logs_to_a_temp_file(tmp_path, capsys,
                                                                  monkeypatch):
-    monkeypatch.setattr(cli, "_run_bench_synthetic", _boom)
+    monkeypatch.setattr(cli_bench, "run_synthetic", _boom)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert main(["bench", "synthetic"]) == 1
     line = _one_error(capsys.readouterr().err)
@@ -337,7 +340,7 @@ def test_os_errors_on_user_paths_are_named(tmp_path, capsys, monkeypatch):
     def denied(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
 
-    monkeypatch.setattr(cli, "_run_init", denied)
+    monkeypatch.setattr(cli_init, "run", denied)
     _fails(capsys, ["init", "--out", str(tmp_path / "x")], str(tmp_path / "x"),
            "Permission denied", "fix its permissions")
 
