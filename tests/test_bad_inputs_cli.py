@@ -1,6 +1,7 @@
 """Bad input through every entry point: one ``error: ...`` line that names the fix, exit
 code 2, nothing earlier damaged; unexpected errors as one line plus a traceback log; and
-files written with the permissions the umask asks for."""
+files written with the permissions the umask asks for. (The same through ``python -m
+crosscoders``: test_cli_entry.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from crosscoders.store import ActivationStore, ShardMeta, StoreWriter
 from crosscoders.store import format as fmt
 
 S, D, T = 2, 8, 8  # sources, d_model, context length
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -343,32 +341,6 @@ def test_os_errors_on_user_paths_are_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli_init, "run", denied)
     _fails(capsys, ["init", "--out", str(tmp_path / "x")], str(tmp_path / "x"),
            "Permission denied", "fix its permissions")
-
-
-# ------------------------------------------------------------------------ as a subprocess
-
-
-def _python_m(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    env.pop("CROSSCODERS_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "crosscoders", *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_python_m_crosscoders_bad_inputs(world, tmp_path):
-    root = world["root"]
-    for argv, fix in (
-        (["train", "--data", str(root / "random.safetensors"), "--out", str(tmp_path / "r")],
-         "write it again"),
-        (["diff", str(root / "cc_truncated"), "--store", str(root / "store"), "--out",
-          str(tmp_path / "d"), "--no-progress"], "save it again"),
-        (["init", "--out", str(root / "a_file" / "x.yaml")], "choose another path"),
-    ):
-        proc = _python_m(*argv, cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert fix in _one_error(proc.stderr)
-    assert (root / "a_file").read_text() == "keep me\n"
 
 
 # ------------------------------------------------------------------------ file modes

@@ -104,7 +104,7 @@ def overrides(args: argparse.Namespace, config: type[Config], flags: Iterable[Fl
         target = out
         for part in parents:
             target = target.setdefault(part, {})
-        target[leaf] = list(value) if isinstance(value, tuple) else value
+        target[leaf] = value
     return out
 
 
@@ -182,28 +182,28 @@ def _help(owner: type[Config], name: str, config: type[Config], path: str) -> st
     default = _default(config, path)
     if default is None or isinstance(default, bool) or default == []:
         return text
-    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else (
-        f"{default:,}" if isinstance(default, int) else f"{default:g}"
-        if isinstance(default, float) else str(default))
+    if isinstance(default, (list, tuple)):
+        shown = " ".join(map(str, default))
+    elif isinstance(default, int):
+        shown = f"{default:,}"
+    elif isinstance(default, float):
+        shown = f"{default:g}"
+    else:
+        shown = str(default)
     return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
-_NO_DEFAULT = object()
-
-
 def _default(config: type[Config], path: str) -> Any:
-    """The default of ``path`` in ``config`` (nested defaults followed), or None."""
-    value: Any = _NO_DEFAULT
-    cls: Any = config
-    for part in path.split("."):
-        if value is not _NO_DEFAULT:
-            value = getattr(value, part)
-            continue
-        f = {f.name: f for f in dataclasses.fields(cls)}[part]
-        if f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            return None
-    return None if value is _NO_DEFAULT else value
+    """The default of ``path`` in ``config`` (into the default of a nested config), or
+    None for a required field."""
+    first, *rest = path.split(".")
+    spec = {f.name: f for f in dataclasses.fields(config)}[first]
+    if spec.default is not dataclasses.MISSING:
+        value = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+    else:
+        return None
+    for part in rest:
+        value = getattr(value, part)
+    return value

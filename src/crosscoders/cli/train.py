@@ -54,7 +54,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def read_sections(path: str | None) -> dict[str, dict[str, Any]]:
+def _read_sections(path: str | None) -> dict[str, dict[str, Any]]:
     """The ``crosscoder`` and ``train`` sections of a config file (empty without one)."""
     from crosscoders.configs import read_config_file
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from crosscoders.data import as_source
 
     check_dir_path(args.out)
-    sections = read_sections(args.config)
+    sections = _read_sections(args.config)
     train_section = merge(sections["train"], overrides(args, TrainConfig, FLAGS))
     if args.no_progress:
         train_section["progress"] = False
