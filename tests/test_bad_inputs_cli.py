@@ -1,6 +1,7 @@
 """Bad input through every entry point: one ``error: ...`` line that names the fix, exit
 code 2, nothing earlier damaged; unexpected errors as one line plus a traceback log; and
-files written with the permissions the umask asks for."""
+files written with the permissions the umask asks for. (The same through ``python -m
+crosscoders``: test_cli_entry.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,10 @@ from safetensors.torch import load_file
 
 import crosscoders.cli as cli
 from crosscoders import Crosscoder, CrosscoderConfig
+from crosscoders.cli import bench as cli_bench
+from crosscoders.cli import init as cli_init
 from crosscoders.cli import main
+from crosscoders.cli import train as cli_train
 from crosscoders.configs import read_config_file
 from crosscoders.data import load_activation_file
 from crosscoders.diff.run import DiffConfig, run_diff
@@ -32,7 +34,6 @@ from crosscoders.store import ActivationStore, ShardMeta, StoreWriter
 from crosscoders.store import format as fmt
 
 S, D, T = 2, 8, 8  # sources, d_model, context length
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -309,7 +310,7 @@ def _boom(args):
 
 def test_unexpected_error_is_one_line_and_a_log_in_the_output_dir(world, tmp_path, capsys,
                                                                    monkeypatch):
-    monkeypatch.setattr(cli, "_run_train", _boom)
+    monkeypatch.setattr(cli_train, "run", _boom)
     out = tmp_path / "run"
     out.mkdir()
     code = main(["train", "--data", str(world["root"] / "acts.pt"), "--out", str(out)])
@@ -324,7 +325,7 @@ def test_unexpected_error_is_one_line_and_a_log_in_the_output_dir(world, tmp_pat
 
 def test_unexpected_error_without_output_dir_logs_to_a_temp_file(tmp_path, capsys,
                                                                  monkeypatch):
-    monkeypatch.setattr(cli, "_run_bench_synthetic", _boom)
+    monkeypatch.setattr(cli_bench, "run_synthetic", _boom)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert main(["bench", "synthetic"]) == 1
     line = _one_error(capsys.readouterr().err)
@@ -337,35 +338,9 @@ def test_os_errors_on_user_paths_are_named(tmp_path, capsys, monkeypatch):
     def denied(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
 
-    monkeypatch.setattr(cli, "_run_init", denied)
+    monkeypatch.setattr(cli_init, "run", denied)
     _fails(capsys, ["init", "--out", str(tmp_path / "x")], str(tmp_path / "x"),
            "Permission denied", "fix its permissions")
-
-
-# ------------------------------------------------------------------------ as a subprocess
-
-
-def _python_m(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    env.pop("CROSSCODERS_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "crosscoders", *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_python_m_crosscoders_bad_inputs(world, tmp_path):
-    root = world["root"]
-    for argv, fix in (
-        (["train", "--data", str(root / "random.safetensors"), "--out", str(tmp_path / "r")],
-         "write it again"),
-        (["diff", str(root / "cc_truncated"), "--store", str(root / "store"), "--out",
-          str(tmp_path / "d"), "--no-progress"], "save it again"),
-        (["init", "--out", str(root / "a_file" / "x.yaml")], "choose another path"),
-    ):
-        proc = _python_m(*argv, cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert fix in _one_error(proc.stderr)
-    assert (root / "a_file").read_text() == "keep me\n"
 
 
 # ------------------------------------------------------------------------ file modes

@@ -3,8 +3,6 @@ table, and (slow) the published result on the full benchmark."""
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,13 +11,14 @@ import torch
 from crosscoders.bench.diffing import (
     DECOUPLED,
     DiffingBenchConfig,
-    add_bench_diffing_arguments,
     format_diffing_table,
     make_diffing_data,
     run_diffing_benchmark,
     with_latent_scaling,
 )
 from crosscoders.bench.planted import PlantedConfig
+from crosscoders.cli import bench as bench_cli
+from crosscoders.cli import build_parser
 from crosscoders.errors import ConfigError
 
 
@@ -65,10 +64,9 @@ def test_config_errors_and_cli_flags():
         DiffingBenchConfig(n_decoupled=-1)
     with pytest.raises(ConfigError, match="unknown activation"):
         DiffingBenchConfig(activations=["gelu"])
-    parser = argparse.ArgumentParser()
-    add_bench_diffing_arguments(parser)
-    args = parser.parse_args(["--activations", "relu", "--steps", "10", "--shifted", "4"])
-    assert args.activations == ["relu"] and args.func.__name__ == "bench_diffing_from_args"
+    args = build_parser().parse_args(["bench", "diffing", "--activations", "relu", "--steps",
+                                      "10", "--shifted", "4"])
+    assert args.activations == ["relu"] and args.func is bench_cli.run_diffing
     assert args.shifted == 4
 
 

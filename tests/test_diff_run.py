@@ -3,7 +3,6 @@ small crosscoder on it, run every part of the analysis through the CLI functions
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 
@@ -12,7 +11,8 @@ import pandas as pd
 import pytest
 
 from crosscoders import CrosscoderConfig, TrainConfig, train
-from crosscoders.diff.cli import _default_store, _parse_models, add_diff_arguments
+from crosscoders.cli import main as cli_main
+from crosscoders.cli.diff import default_store, parse_models
 from crosscoders.diff.run import DiffConfig, resolve_pair, run_diff
 from crosscoders.errors import ConfigError
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, harvest
@@ -40,13 +40,9 @@ def trained(tmp_path_factory):
 
 def test_cli_writes_every_part(trained):
     root, store = trained
-    parser = argparse.ArgumentParser()
-    add_diff_arguments(parser)
-    args = parser.parse_args([str(root / "run"), "--out", str(root / "diff"), "--models",
-                              f"base={root / 'base'}", f"chat={root / 'chat'}",
-                              "--steer-prompt", "the cat", "--no-progress",
-                              "--batch-size", "256"])
-    assert args.func(args) == 0
+    assert cli_main(["diff", str(root / "run"), "--out", str(root / "diff"), "--models",
+                     f"base={root / 'base'}", f"chat={root / 'chat'}",
+                     "--steer-prompt", "the cat", "--no-progress", "--batch-size", "256"]) == 0
     out = root / "diff"
     df = pd.read_parquet(out / "latents.parquet")
     assert len(df) == 64 and {"latent", "rel_norm", "cos", "category"} <= set(df)
@@ -112,12 +108,12 @@ def test_resolve_pair_and_errors(trained):
 
 def test_cli_defaults_store_and_models(trained):
     root, store = trained
-    assert _default_store(str(root / "run")) == str((root / "store").resolve())
+    assert default_store(str(root / "run")) == str((root / "store").resolve())
     with pytest.raises(ConfigError, match="--store"):
-        _default_store(str(root / "nowhere"))
-    auto = _parse_models(["auto"], store.manifest)
+        default_store(str(root / "nowhere"))
+    auto = parse_models(["auto"], store.manifest)
     assert auto == {"base": str(root / "base"), "chat": str(root / "chat")}
-    assert _parse_models(["/b", "chat=/c"], store.manifest) == {"base": "/b", "chat": "/c"}
-    assert _parse_models(None, store.manifest) is None
+    assert parse_models(["/b", "chat=/c"], store.manifest) == {"base": "/b", "chat": "/c"}
+    assert parse_models(None, store.manifest) is None
     with pytest.raises(ConfigError, match="NAME=PATH"):
-        _parse_models(["/a", "/b", "/c"], store.manifest)
+        parse_models(["/a", "/b", "/c"], store.manifest)

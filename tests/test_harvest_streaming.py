@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import pytest
 import torch
 
+from crosscoders.cli import build_parser
+from crosscoders.cli import main as cli_main
+from crosscoders.cli.harvest import harvest_config
 from crosscoders.errors import ConfigError
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, StreamingSource, harvest
-from crosscoders.harvest.cli import add_harvest_arguments, config_from_args, harvest_from_args
-from crosscoders.store import ActivationSource
+from crosscoders.store import ActivationSource, ActivationStore
 from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
 
@@ -77,42 +78,18 @@ def test_streaming_refuses_sequential(root):
 
 
 def test_cli_builds_the_config_and_harvests(root, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_harvest_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--base",
-            str(root / "base"),
-            "--chat",
-            str(root / "chat"),
-            "--layers",
-            "0.5",
-            "-1",
-            "--data",
-            str(root / "text.jsonl"),
-            "--tokens",
-            "300",
-            "--context-length",
-            "16",
-            "--out",
-            str(tmp_path / "store"),
-            "--store-dtype",
-            "float16",
-            "--device",
-            "cpu",
-            "--eval-tokens",
-            "0.1",
-            "--skip-first",
-            "1",
-            "--no-progress",
-        ]
-    )
-    cfg = config_from_args(args)
+    argv = ["harvest", "--base", str(root / "base"), "--chat", str(root / "chat"),
+            "--layers", "0.5", "-1", "--data", str(root / "text.jsonl"), "--tokens", "300",
+            "--context-length", "16", "--out", str(tmp_path / "store"),
+            "--store-dtype", "float16", "--device", "cpu", "--eval-tokens", "0.1",
+            "--skip-first", "1", "--no-progress"]
+    cfg = harvest_config(build_parser().parse_args(argv))
     assert [m.name for m in cfg.models] == ["base", "chat"]
     assert cfg.models[1].sites == ["0.5", "-1"] and cfg.eval_tokens == 0.1 and cfg.skip_first == 1
-    store = harvest_from_args(args)
+    assert cli_main(argv) == 0
+    store = ActivationStore.open(tmp_path / "store")
     assert store.n_tokens == 300 and store.n_sources == 4 and store.dtype == "float16"
     assert "300 tokens x 4 sources" in capsys.readouterr().out
-    bad = parser.parse_args(["--data", "x.jsonl", "--out", str(tmp_path / "o")])
+    bad = build_parser().parse_args(["harvest", "--data", "x.jsonl", "--out", str(tmp_path / "o")])
     with pytest.raises(ConfigError, match="no models: give --base and --chat"):
-        config_from_args(bad)
+        harvest_config(bad)

@@ -1,6 +1,5 @@
 """The HTML report: payload, safety of the embedded data, loaders over the diff formats."""
 
-import argparse
 import json
 import re
 
@@ -8,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from crosscoders.cli import main as cli_main
 from crosscoders.errors import CrosscodersError
 from crosscoders.report import (
     Example,
     ReportData,
-    add_report_arguments,
     build_report,
     decoder_top_tokens,
     load_report_data,
     render_report,
-    report_from_args,
 )
 from crosscoders.report.data import clean_json, round_sig
 from crosscoders.report.load import examples_from_sqlite, lens_adapter, similarity_adapter
@@ -254,10 +252,8 @@ def test_decoder_top_tokens_matches_brute_force():
 
 def test_cli_functions(tmp_path, capsys):
     _, diff = _diff_dir_in_run(tmp_path)
-    parser = argparse.ArgumentParser()
-    add_report_arguments(parser)
-    args = parser.parse_args([str(diff), "--out", str(tmp_path / "cli.html"), "--title", "T"])
-    assert report_from_args(args) == 0
+    assert cli_main(["report", str(diff), "--out", str(tmp_path / "cli.html"), "--title",
+                     "T"]) == 0
     payload, _ = _embedded((tmp_path / "cli.html").read_text())
     assert payload["title"] == "T"
     assert "cli.html" in capsys.readouterr().out

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write, atomic_write_text, check_dir_path, ensure_dir
+from crosscoders.io import atomic_write, atomic_write_text, ensure_dir
 
 
 @dataclass
@@ -179,43 +179,3 @@ def _plot(profile: LayerProfile, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-
-
-def add_layers_arguments(parser: Any) -> None:
-    parser.add_argument("run_dir", help="crosscoder directory whose sources are layers of one "
-                                        "model, in depth order (or a Hub id)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="a layer counts towards a latent's span at >= this fraction of "
-                             "its peak decoder norm (default 0.5)")
-    parser.add_argument("--data", help="activations to count firing on (a store directory or "
-                                       "a .safetensors/.pt/.npy [N, S, D] file): the "
-                                       "summary then counts only latents that fire")
-    parser.add_argument("--min-freq", type=float, default=0.0,
-                        help="with --data: count only latents firing on more than this "
-                             "fraction of tokens (default 0: any firing)")
-    parser.add_argument("--max-tokens", type=int, default=1_000_000,
-                        help="tokens of --data to read (default 1M)")
-    parser.add_argument("--no-plot", action="store_true")
-
-
-def layers_from_args(args: Any) -> int:
-    from crosscoders.model import Crosscoder
-
-    check_dir_path(args.out)
-    model = Crosscoder.load(args.run_dir)
-    freq_F = None
-    if args.data:
-        from crosscoders.data import load_activation_file
-
-        data = args.data if Path(args.data).is_dir() else load_activation_file(args.data)
-        freq_F = firing_frequency(model, data, args.max_tokens)
-    profile = layer_profile(model, args.threshold, freq_F, args.min_freq)
-    profile.save(args.out, plot=not args.no_plot)
-    s = profile.summary
-    spans = ", ".join(f"{k}: {v}" for k, v in s["span_counts"].items())
-    print(f"{s['n_counted']} of {s['n_latents']} latents counted ({s['counted']}) over "
-          f"{s['n_sources']} layers; span counts {spans}")
-    print(f"multi-layer {s['multi_layer_fraction']:.1%}, mean effective layers "
-          f"{s['mean_effective_layers']:.2f}; wrote {args.out}")
-    return 0

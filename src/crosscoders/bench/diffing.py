@@ -27,9 +27,7 @@ diffing`` runs both.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -404,63 +402,11 @@ def format_diffing_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_bench_diffing_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``crosscoders bench diffing``."""
-    parser.add_argument("--activations", nargs="+", choices=["relu", "topk", "batchtopk"],
-                        help="crosscoders to train (default: relu batchtopk)")
-    parser.add_argument("--steps", type=int, help="training steps per crosscoder")
-    parser.add_argument("--shared-latents", type=int,
-                        help="designated shared latents (tied decoders, reduced L1)")
-    parser.add_argument("--seed", type=int, default=0, help="data and training seed")
-    parser.add_argument("--shifted", type=int,
-                        help="also plant N shared features 20-70%% stronger in one model "
-                             "(scored by the graded view)")
-    parser.add_argument("--preset", choices=["anthropic", "kissane", "minder"],
-                        help="category thresholds (default: minder)")
-    parser.add_argument("--config", help="YAML/JSON DiffingBenchConfig (flags override it)")
-    parser.add_argument("--json", help="also write the results as JSON to this file")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
-    parser.set_defaults(func=bench_diffing_from_args)
-
-
-def bench_diffing_from_args(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed flags and print the table."""
-    from crosscoders.io import atomic_write_text, check_file_path
-
-    if args.json:
-        check_file_path(args.json, "--json")  # before minutes of training, not after
-    cfg = DiffingBenchConfig.load(args.config) if args.config else DiffingBenchConfig()
-    changes: dict[str, Any] = {}
-    if args.activations:
-        changes["activations"] = list(args.activations)
-    if args.steps:
-        changes["steps"] = args.steps
-    if args.shared_latents is not None:
-        changes["n_shared_latents"] = args.shared_latents
-    if args.preset:
-        changes["preset"] = args.preset
-    planted = {}
-    if args.seed:
-        changes["seed"] = planted["seed"] = args.seed
-    if args.shifted is not None:
-        planted["n_shared_shifted"] = args.shifted
-    if planted:
-        changes["planted"] = cfg.planted.replace(**planted)
-    cfg = cfg.replace(**changes)
-    result = run_diffing_benchmark(cfg, progress=args.progress)
-    print(format_diffing_table(result))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
-    return 0
-
-
 __all__ = [
     "DECOUPLED",
     "KIND_TO_CATEGORY",
     "DiffingBenchConfig",
     "GradedScore",
-    "add_bench_diffing_arguments",
-    "bench_diffing_from_args",
     "format_diffing_table",
     "graded_scores",
     "make_diffing_data",

@@ -124,13 +124,28 @@ class PipelineConfig(Config):
     def crosscoder_config(self, n_sources: int, d_model: int,
                           source_names: list[str] | None = None) -> CrosscoderConfig:
         """The full crosscoder config once the store's shape is known."""
-        section = dict(self.crosscoder)
-        expansion = section.pop("expansion", None)
-        if expansion is not None and (not isinstance(expansion, int) or expansion < 1):
-            raise ConfigError(f"crosscoder.expansion: expected an integer >= 1, got {expansion!r}")
-        if "dict_size" not in section:
-            section["dict_size"] = (expansion or 16) * d_model
-        if source_names and "source_names" not in section:
-            section["source_names"] = source_names
-        return CrosscoderConfig.from_dict(
-            {**section, "n_sources": n_sources, "d_model": d_model}, _path="crosscoder")
+        return crosscoder_config(self.crosscoder, n_sources, d_model, source_names)
+
+
+#: dict size as a multiple of d_model when neither dict_size nor expansion is given
+DEFAULT_EXPANSION = 16
+
+
+def crosscoder_config(section: dict[str, Any], n_sources: int, d_model: int,
+                      source_names: list[str] | None = None) -> CrosscoderConfig:
+    """The crosscoder config of a ``crosscoder`` section (:class:`CrosscoderConfig` fields
+    but ``n_sources`` and ``d_model``, plus ``expansion``) over data of this shape; the
+    defaults of ``crosscoders run`` and ``crosscoders train`` both come from here."""
+    section = dict(section)
+    for key in DERIVED:
+        if key in section:
+            raise ConfigError(f"crosscoder.{key} is read from the data; remove it")
+    expansion = section.pop("expansion", None)
+    if expansion is not None and (not isinstance(expansion, int) or expansion < 1):
+        raise ConfigError(f"crosscoder.expansion: expected an integer >= 1, got {expansion!r}")
+    if "dict_size" not in section:
+        section["dict_size"] = (expansion or DEFAULT_EXPANSION) * d_model
+    if source_names and "source_names" not in section:
+        section["source_names"] = source_names
+    return CrosscoderConfig.from_dict(
+        {**section, "n_sources": n_sources, "d_model": d_model}, _path="crosscoder")

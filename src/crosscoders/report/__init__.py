@@ -6,7 +6,6 @@ See ``docs/report.md``.
 """
 
 from crosscoders.report.build import build_report
-from crosscoders.report.cli import add_report_arguments, report_from_args
 from crosscoders.report.data import Example, ReportData
 from crosscoders.report.load import load_report_data
 from crosscoders.report.render import render_report
@@ -15,10 +14,8 @@ from crosscoders.report.top_tokens import decoder_top_tokens
 __all__ = [
     "Example",
     "ReportData",
-    "add_report_arguments",
     "build_report",
     "decoder_top_tokens",
     "load_report_data",
     "render_report",
-    "report_from_args",
 ]
