@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from crosscoders import CrosscoderConfig, TrainConfig, train
+from crosscoders.data import TensorSource
 from crosscoders.diff.graded import (
     GRADED_CATEGORIES,
     GradedConfig,
@@ -22,7 +23,6 @@ from crosscoders.diff.graded import (
 )
 from crosscoders.diff.ground_truth import graded_scores
 from crosscoders.diff.run import DiffConfig, run_diff
-from crosscoders.diff.stats import TensorRows
 from crosscoders.diff.table import latent_table, normalised_decoder
 from crosscoders.errors import ConfigError
 from crosscoders.synthetic import PlantedConfig, make_planted_data, match_latents
@@ -248,7 +248,7 @@ def test_run_diff_collects_examples_and_reports_the_graded_view(trained, tmp_pat
     model, data = trained
     # token id = the planted feature firing most strongly on the row
     token_ids = data.codes_NP.argmax(dim=1).numpy()
-    rows = TensorRows(data.acts_NSD, token_ids)
+    rows = TensorSource(data.acts_NSD, token_ids=token_ids)
     out = tmp_path / "exp" / "diff"
     summary = run_diff(model, rows, out, DiffConfig(progress=False, n_top=5, n_samples=3))
     counts = summary["counts"]
