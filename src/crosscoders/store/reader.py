@@ -347,6 +347,8 @@ class ActivationStore:
     def records(self, start: int, stop: int) -> np.ndarray:
         """[n] row records (token, context, position, doc, doc_pos, dataset) of rows
         ``[start, stop)``, read through memory maps: nothing of size N is held."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) outside the store's {self.n_tokens} rows")
         parts = []
         for k in self._shards_of(start, stop):
             lo = int(self._offsets[k])
