@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig
+from crosscoders.data import as_source
 from crosscoders.diff.examples import ExampleCollector
 from crosscoders.diff.latent_scaling import LatentScalingAccumulator
-from crosscoders.diff.stats import ActivationStats, analysis_pass, as_rows
+from crosscoders.diff.stats import ActivationStats, analysis_pass
 
 
 def _write_store(path: Path, x: torch.Tensor):
@@ -76,12 +77,12 @@ def main() -> None:
                                                .values[-1]))
     with tempfile.TemporaryDirectory() as tmp:
         data = _write_store(Path(tmp) / "store", x) if args.store else x
-        rows = as_rows(data, token_ids=None if args.store else np.arange(args.tokens) % 1000)
+        source = as_source(data, token_ids=None if args.store else np.arange(args.tokens) % 1000)
 
         def encode_only() -> None:
             with torch.inference_mode():
-                for s in range(0, rows.n_tokens, args.batch_size):
-                    model.encode(rows.read(s, min(rows.n_tokens, s + args.batch_size)))
+                for s in range(0, source.n_tokens, args.batch_size):
+                    model.encode(source.rows(s, min(source.n_tokens, s + args.batch_size)))
 
         def fp32_encode() -> None:
             model.screen_inference = False
@@ -99,7 +100,7 @@ def main() -> None:
                 LatentScalingAccumulator(model, subset),
                 ExampleCollector(F, subset, n_top=10, n_samples=10),
             ]
-            analysis_pass(model, rows, consumers, args.batch_size, progress=False)
+            analysis_pass(model, source, consumers, args.batch_size, progress=False)
 
         encode_only()  # warm-up
         wall: dict[str, list[float]] = {"encode": [], "pass": [], "fp32": []}

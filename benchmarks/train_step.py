@@ -21,6 +21,7 @@ import time
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig
+from crosscoders.data import ActivationSource
 from crosscoders.model.screen import screen_decision
 from crosscoders.train import Trainer
 
@@ -40,8 +41,9 @@ def _median_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1000
 
 
-class _RandomSource:
-    """Gaussian activations [B, S, D]: timing does not depend on the data."""
+class _RandomSource(ActivationSource):
+    """Endless Gaussian batches [B, S, D] (timing does not depend on the data); no rows in
+    order, so the protocol's defaults refuse the analysis's reads."""
 
     def __init__(self, S: int, D: int):
         self.n_sources, self.d_model = S, D
@@ -56,9 +58,6 @@ class _RandomSource:
 
     def sample(self, n, seed):
         return torch.randn(n, self.n_sources, self.d_model)
-
-    def mean_squared_norm(self):
-        return None
 
     def describe(self):
         return {"kind": "random"}

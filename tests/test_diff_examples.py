@@ -14,7 +14,7 @@ from crosscoders.diff.examples import (
     load_examples,
     save_examples,
 )
-from crosscoders.diff.stats import StoreRows, analysis_pass
+from crosscoders.diff.stats import analysis_pass
 from crosscoders.diff.table import latent_table
 from crosscoders.store import ActivationStore, ShardMeta, StoreWriter
 from crosscoders.store import format as fmt
@@ -131,12 +131,11 @@ def write_store(path, data_NSD: np.ndarray, shard_rows=(300, 300, 300)) -> Activ
 
 def test_store_windows_tokens_and_special_share(acts, tmp_path):
     store = write_store(tmp_path / "store", acts.numpy())
-    rows = StoreRows(store)
-    ids, wrows, center = rows.window(9 + 3, before=5, after=2)  # context 1, position 4
+    ids, wrows, center = store.window(9 + 3, before=5, after=2)  # context 1, position 4
     np.testing.assert_array_equal(ids, [1, 111, 112, 113, 114, 115, 116])
     np.testing.assert_array_equal(wrows, [-1, 9, 10, 11, 12, 13, 14])
     assert center == 4
-    ids, wrows, _ = rows.window(9 * 33 + 8, before=2, after=3)  # last token of a context
+    ids, wrows, _ = store.window(9 * 33 + 8, before=2, after=3)  # last token of a context
     assert wrows[-1] == 9 * 33 + 8 and len(ids) == 3  # does not cross into the next context
     model = _model()
     recs = collect_examples(model, store, latents=[3], n_top=2, n_samples=0, before=3,

@@ -502,7 +502,7 @@ def test_report_shows_explanations(tmp_path, llm):
 def _tensor_diff_dir(path: Path):
     """A diff directory from a real (random) crosscoder over planted activations."""
     from crosscoders import Crosscoder, CrosscoderConfig
-    from crosscoders.diff.stats import TensorRows
+    from crosscoders.data import TensorSource
     from helpers import planted_acts
 
     acts = planted_acts(n=1200, D=16, seed=3)[0]
@@ -513,7 +513,7 @@ def _tensor_diff_dir(path: Path):
         model.b_enc.fill_(-0.1)
     token_ids = np.arange(1200) % 50
     doc_ids = np.arange(1200) // 40
-    rows = TensorRows(acts, token_ids, doc_ids)
+    rows = TensorSource(acts, token_ids=token_ids, doc_ids=doc_ids)
     recs = collect_examples(model, rows, n_top=6, n_samples=6, before=6, after=2,
                             progress=False)
     for r in recs:
@@ -543,10 +543,10 @@ def test_negatives_checked_with_the_crosscoder(tmp_path, llm):
             n_checked += 1
     assert n_checked > 20
     with pytest.raises(DataError, match="differ from examples.db"):
-        from crosscoders.diff.stats import TensorRows
+        from crosscoders.data import TensorSource
 
-        wrong = ActivationCheck(model, TensorRows(acts, (np.arange(1200) + 1) % 50,
-                                                  np.arange(1200) // 40))
+        wrong = ActivationCheck(model, TensorSource(acts, token_ids=(np.arange(1200) + 1) % 50,
+                                                    doc_ids=np.arange(1200) // 40))
         explain_latents(tmp_path / "diff", "all", EndpointBackend(llm.url, "fake"),
                         check=wrong, cache=tmp_path / "c.db", progress=False)
 

@@ -15,6 +15,7 @@ from crosscoders import CrosscoderConfig, TrainConfig, train
 from crosscoders.bench.diffing import graded_scores
 from crosscoders.bench.planted import PlantedConfig, make_planted_data
 from crosscoders.bench.synthetic import match_latents
+from crosscoders.data import TensorSource
 from crosscoders.diff.graded import (
     GRADED_CATEGORIES,
     GradedConfig,
@@ -24,7 +25,6 @@ from crosscoders.diff.graded import (
     leaning_candidates,
 )
 from crosscoders.diff.run import DiffConfig, run_diff
-from crosscoders.diff.stats import TensorRows
 from crosscoders.diff.table import latent_table, normalised_decoder
 from crosscoders.errors import ConfigError
 
@@ -249,7 +249,7 @@ def test_run_diff_collects_examples_and_reports_the_graded_view(trained, tmp_pat
     model, data = trained
     # token id = the planted feature firing most strongly on the row
     token_ids = data.codes_NP.argmax(dim=1).numpy()
-    rows = TensorRows(data.acts_NSD, token_ids)
+    rows = TensorSource(data.acts_NSD, token_ids=token_ids)
     out = tmp_path / "exp" / "diff"
     summary = run_diff(model, rows, out, DiffConfig(progress=False, n_top=5, n_samples=3))
     counts = summary["counts"]

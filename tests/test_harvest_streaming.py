@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from crosscoders.cli import build_parser
 from crosscoders.cli import main as cli_main
 from crosscoders.cli.harvest import harvest_config
-from crosscoders.errors import ConfigError
+from crosscoders.data import ActivationSource, ordered_batches
+from crosscoders.errors import ConfigError, DataError
 from crosscoders.harvest import DataSpec, HarvestConfig, ModelSpec, StreamingSource, harvest
-from crosscoders.store import ActivationSource, ActivationStore
+from crosscoders.store import ActivationStore
 from crosscoders.testing import make_model, make_tokenizer, write_text_corpus
 
 
@@ -69,6 +71,12 @@ def test_streaming_source_matches_the_store(root, tmp_path):
     assert source.mean_squared_norm() is None
     assert source.sample(50, seed=0).shape == (50, 2, 32)
     assert source.describe()["kind"] == "streaming"
+    # in order: one epoch's positions (held-out first), as the store holds them
+    assert source.n_tokens is None
+    in_order = torch.cat([x for _, x in ordered_batches(source, 100)])
+    torch.testing.assert_close(in_order, full, rtol=0, atol=1e-6)
+    with pytest.raises(DataError, match="StreamingSource reads its rows in order only.*harvest"):
+        source.gather(np.array([0, 5]))
     source.close()
 
 

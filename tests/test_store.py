@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from crosscoders.data import ActivationSource
 from crosscoders.errors import ConfigError, DataError
-from crosscoders.store import ActivationSource, ActivationStore, ShardMeta, StoreWriter
+from crosscoders.store import ActivationStore, ShardMeta, StoreWriter
 from crosscoders.store import format as fmt
 
 S, D, T = 2, 8, 10  # sources, d_model, context length

@@ -63,25 +63,26 @@ class LayerProfile:
 def firing_frequency(model: Any, data: Any, max_tokens: int | None = None,
                      batch_size: int = 4096) -> np.ndarray:
     """[F] fraction of tokens on which each latent fires (data: tensor [N, S, D], store)."""
-    from crosscoders.diff.stats import _check_model_data, as_rows
+    from crosscoders.data import as_source, ordered_batches
+    from crosscoders.diff.stats import check_model_data
 
-    rows = as_rows(data)
-    _check_model_data(model, rows)
-    n = rows.n_tokens if max_tokens is None else min(rows.n_tokens, max_tokens)
-    if n == 0:
-        raise ConfigError("no tokens to measure firing frequency on; give --data with at least one "
-                          "token and --max-tokens >= 1")
+    source = as_source(data)
+    check_model_data(model, source)
     count_F = torch.zeros(model.dict_size, dtype=torch.int64)
+    n = 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, n, batch_size):
-                x = rows.read(start, min(n, start + batch_size)).to(model.W_dec.dtype)
-                _, latent_E, _ = model.encode_sparse(x)
+            for _, x in ordered_batches(source, batch_size, 0, max_tokens):
+                _, latent_E, _ = model.encode_sparse(x.to(model.W_dec.dtype))
+                n += len(x)
                 count_F += torch.bincount(latent_E.cpu(), minlength=model.dict_size)
     finally:
         model.train(was_training)
+    if n == 0:
+        raise ConfigError("no tokens to measure firing frequency on; give --data with at least one "
+                          "token and --max-tokens >= 1")
     return (count_F.double() / n).numpy()
 
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crosscoders.diff.stats import EncodedBatch, analysis_pass, as_rows
+from crosscoders.data import as_source
+from crosscoders.diff.stats import EncodedBatch, analysis_pass
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write
 
@@ -143,9 +144,9 @@ class ExampleCollector:
 
         Windows are encoded in chunks of ``batch_size`` rows, so memory stays bounded.
         """
-        rows = as_rows(data)
+        source = as_source(data)
         recs = self.records(latents)
-        windows = [rows.window(r["row"], before, after) for r in recs]
+        windows = [source.window(r["row"], before, after) for r in recs]
         model.eval()
         chunk: list[int] = []
         n_rows = 0
@@ -157,16 +158,16 @@ class ExampleCollector:
             chunk.append(i)
             n_rows += int((wrows >= 0).sum())
             if n_rows >= batch_size:
-                self._window_acts(model, rows, recs, windows, chunk)
+                self._window_acts(model, source, recs, windows, chunk)
                 chunk, n_rows = [], 0
         if chunk:
-            self._window_acts(model, rows, recs, windows, chunk)
+            self._window_acts(model, source, recs, windows, chunk)
         return recs
 
     @staticmethod
-    def _window_acts(model: Any, rows: Any, recs: list, windows: list, chunk: list[int]) -> None:
+    def _window_acts(model: Any, source: Any, recs: list, windows: list, chunk: list[int]) -> None:
         need = np.unique(np.concatenate([windows[i][1][windows[i][1] >= 0] for i in chunk]))
-        x = rows.gather(need).to(device=model.W_dec.device, dtype=model.W_dec.dtype)
+        x = source.gather(need).to(device=model.W_dec.device, dtype=model.W_dec.dtype)
         f_BF = model.encode(x).cpu()
         where = {int(r): k for k, r in enumerate(need)}
         for i in chunk:
@@ -191,10 +192,10 @@ def collect_examples(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Top and sampled activating examples with context for ``latents`` (default all)."""
-    rows = as_rows(data, token_ids, doc_ids)
+    source = as_source(data, token_ids=token_ids, doc_ids=doc_ids)
     collector = ExampleCollector(model.dict_size, latents, n_top, n_samples, seed)
-    analysis_pass(model, rows, [collector], batch_size, progress=progress, desc="examples")
-    return collector.finish(model, rows, before, after, tokenizer)
+    analysis_pass(model, source, [collector], batch_size, progress=progress, desc="examples")
+    return collector.finish(model, source, before, after, tokenizer)
 
 
 _SCHEMA = """

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from crosscoders.configs import Config
-from crosscoders.diff.stats import EncodedBatch, analysis_pass, as_rows
+from crosscoders.diff.stats import EncodedBatch, analysis_pass
 from crosscoders.errors import ConfigError
 from crosscoders.model.sparse import SparseCodes, sampled_dot
 
@@ -205,7 +205,7 @@ def latent_scaling(
     if latents is None:
         latents = np.arange(model.dict_size)
     acc = LatentScalingAccumulator(model, latents, ref=ref, other=other)
-    analysis_pass(model, as_rows(data), [acc], batch_size, progress=progress, desc="latent scaling")
+    analysis_pass(model, data, [acc], batch_size, progress=progress, desc="latent scaling")
     return acc.result()
 
 

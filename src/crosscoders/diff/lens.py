@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from crosscoders.diff.stats import StoreRows, as_rows, progress_bar
+from crosscoders.data import RANDOM_ACCESS_FIX, as_source
+from crosscoders.diff.stats import progress_bar
 from crosscoders.errors import CrosscodersError, DataError
 
 # Final norms of common architectures.
@@ -53,23 +54,25 @@ def activation_difference(
     (None: every row counts as position 0). Returns ``delta_D`` (pooled), ``delta_PD`` (per
     position; NaN where a position has no rows) and ``count_P``.
     """
-    rows = as_rows(data)
-    P, D = n_positions, rows.d_model
+    source = as_source(data)
+    P, D = n_positions, source.d_model
     sum_PD = torch.zeros(P, D, dtype=torch.float64)
     count_P = torch.zeros(P, dtype=torch.int64)
-    pos_all = None
-    if not isinstance(rows, StoreRows):
-        pos_all = (np.zeros(rows.n_tokens, dtype=np.int64) if positions is None
-                   else np.asarray(positions, dtype=np.int64))
-        if pos_all.shape != (rows.n_tokens,):
-            raise DataError(f"positions must have one entry per row ({rows.n_tokens})")
-    with progress_bar(rows.n_tokens, "activation difference", progress) as bar:
-        for s in range(0, rows.n_tokens, batch_size):
-            e = min(rows.n_tokens, s + batch_size)
-            pos = rows.positions(s, e) if pos_all is None else pos_all[s:e]
+    n = source.n_tokens
+    if n is None:
+        raise DataError(f"the activation difference reads rows by position; {RANDOM_ACCESS_FIX}")
+    given = None if positions is None else np.asarray(positions, dtype=np.int64)
+    with progress_bar(n, "activation difference", progress) as bar:
+        for s in range(0, n, batch_size):
+            e = min(n, s + batch_size)
+            pos = source.positions(s, e)  # a store knows them; a tensor takes ``positions``
+            if pos is None:
+                if given is not None and given.shape != (n,):
+                    raise DataError(f"positions must have one entry per row ({n})")
+                pos = np.zeros(e - s, dtype=np.int64) if given is None else given[s:e]
             idx = np.flatnonzero(pos < P)
             if idx.size:
-                x = rows.gather(idx + s).double()
+                x = source.gather(idx + s).double()
                 diff = x[:, chat] - x[:, base]
                 p = torch.from_numpy(pos[idx])
                 sum_PD.index_add_(0, p, diff)

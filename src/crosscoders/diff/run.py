@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from crosscoders.configs import Config
+from crosscoders.data import Head, as_source, ordered_stop
 from crosscoders.diff.categories import CategoryThresholds
 from crosscoders.diff.examples import ExampleCollector, save_examples
 from crosscoders.diff.graded import GradedConfig, leaning_candidates
@@ -44,10 +45,10 @@ from crosscoders.diff.schema import (
     Summary,
 )
 from crosscoders.diff.similarity import similarity_matrix
-from crosscoders.diff.stats import HeadRows, StoreRows, as_rows
 from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write_text, ensure_dir
+from crosscoders.store import ActivationStore
 
 
 @dataclasses.dataclass
@@ -165,8 +166,8 @@ def run_diff(
     cfg.save(out / Files.DIFF_CONFIG)
     model = Crosscoder.load(crosscoder) if isinstance(crosscoder, (str, Path)) else crosscoder
     model = model.to(cfg.device).eval()
-    rows = as_rows(data)
-    store = rows.store if isinstance(rows, StoreRows) else None
+    source = as_source(data)
+    store = source if isinstance(source, ActivationStore) else None
     manifest = store.manifest if store is not None else {}
     store_sources = manifest.get("sources", [])
     b, c = resolve_pair(model, store_sources, cfg.base, cfg.chat)
@@ -185,7 +186,7 @@ def run_diff(
                     w, cfg.graded, designated_latents(model, b, c)))
             latents = np.union1d(np.flatnonzero(cats != "shared"), candidates)
         collector = ExampleCollector(model.dict_size, latents, cfg.n_top, cfg.n_samples, cfg.seed)
-    data_for_pass = _limit(rows, cfg.max_tokens)
+    data_for_pass = _limit(source, cfg.max_tokens)
     table = latent_table(
         model, data_for_pass, base=b, chat=c, preset=preset,
         special_ids=_special_ids(cfg, manifest), latent_scaling=cfg.latent_scaling,
@@ -221,12 +222,12 @@ def run_diff(
 
     # 2. holistic baselines that need only the activations
     sim_rows, sim_cols = _similarity_sources(store_sources, b, c)
-    sim = similarity_matrix(rows, sim_rows, sim_cols, max_tokens=cfg.similarity_tokens,
+    sim = similarity_matrix(source, sim_rows, sim_cols, max_tokens=cfg.similarity_tokens,
                             progress=cfg.progress)
     sim_out = {Similarity.ROWS: [_source_label(store_sources, i) for i in sim_rows],
                Similarity.COLS: [_source_label(store_sources, i) for i in sim_cols],
                Similarity.CKA: sim["cka"].tolist(), Similarity.SVCCA: sim["svcca"].tolist(),
-               Similarity.N_TOKENS: min(rows.n_tokens, cfg.similarity_tokens)}
+               Similarity.N_TOKENS: ordered_stop(source, cfg.similarity_tokens)}
     _write_json(out / Files.SIMILARITY, sim_out)
     summary[Summary.SIMILARITY] = {k: sim_out[k] for k in (Similarity.CKA, Similarity.SVCCA)}
 
@@ -237,10 +238,10 @@ def run_diff(
     return summary
 
 
-def _limit(rows: Any, max_tokens: int | None) -> Any:
-    if max_tokens is None or max_tokens >= rows.n_tokens:
-        return rows
-    return HeadRows(rows, max_tokens)
+def _limit(source: Any, max_tokens: int | None) -> Any:
+    if max_tokens is None or ordered_stop(source, max_tokens) == source.n_tokens:
+        return source
+    return Head(source, max_tokens)
 
 
 def _similarity_sources(store_sources: list[dict], b: int, c: int) -> tuple[list[int], list[int]]:
@@ -279,7 +280,7 @@ def _load_models(paths: dict[str, str], device: str) -> tuple[dict[str, Any], An
 def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
     """Token ids [B, T] of up to ``n_contexts`` held-out contexts (all of one length)."""
     start = store.n_train if store.n_eval else 0
-    meta = StoreRows(store).meta(start, store.n_tokens)
+    meta = store.records(start, store.n_tokens)
     contexts = list(dict.fromkeys(int(x) for x in meta["context"]))
     seqs = [store.context_tokens(ctx) for ctx in contexts]
     if not seqs:

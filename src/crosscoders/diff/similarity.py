@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crosscoders.diff.stats import as_rows, check_finite, progress_bar
+from crosscoders.data import as_source, ordered_batches, ordered_stop
+from crosscoders.diff.stats import check_rows_finite, progress_bar
 from crosscoders.errors import DataError
 
 
@@ -114,16 +115,14 @@ def similarity_matrix(
     """CKA and SVCCA between sources ``rows`` (e.g. base layers) and ``cols`` (chat layers)
     of ``data`` (tensor [N, S, D] or store), in one pass: ``{"cka": [R, C], "svcca": [R, C]}``.
     """
-    source = as_rows(data)
-    stop = source.n_tokens if max_tokens is None else min(max_tokens, source.n_tokens)
+    source = as_source(data)
+    stop = ordered_stop(source, max_tokens)
     acc = GramAccumulator(source.n_sources, source.d_model)
     with progress_bar(stop, "similarity", progress) as bar:
-        for s in range(0, stop, batch_size):
-            e = min(stop, s + batch_size)
-            x = source.read(s, e)
-            check_finite(source, x, s)
+        for s, x in ordered_batches(source, batch_size, 0, stop):
+            check_rows_finite(source, x, s)
             acc.update_x(x)
-            bar.update(e - s)
+            bar.update(len(x))
     return similarity_from_gram(acc, rows, cols, keep, dims)
 
 

@@ -1,10 +1,10 @@
 """One streaming pass over activations: encode once, feed every per-latent statistic.
 
-The analysis reads its data through :class:`RowSource` (a tensor [N, S, D] with optional
-token ids, or an activation store), in order, one batch at a time. :func:`analysis_pass`
-encodes each batch once and hands an :class:`EncodedBatch` to every consumer
-(:class:`ActivationStats` here, Latent Scaling, max-activating examples), so all of them
-share one read of the data and one encoder GEMM. Consumers keep state whose size depends
+The analysis reads its data through :class:`~crosscoders.data.ActivationSource` (a tensor
+[N, S, D] with optional token ids, an activation store, ...), in order, one batch at a
+time. :func:`analysis_pass` encodes each batch once and hands an :class:`EncodedBatch` to
+every consumer (:class:`ActivationStats` here, Latent Scaling, max-activating examples), so
+all of them share one read of the data and one encoder GEMM. Consumers keep state whose size depends
 on the number of latents, never on the number of tokens.
 
 The latent code of a batch is kept sparse (``b_E, i_E, v_E``: row, latent and value of the
@@ -14,9 +14,8 @@ reconstruction is decoded from the active set only (``embedding_bag``, cost E * 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,207 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crosscoders.data import ActivationSource, Head, as_source, ordered_batches, ordered_stop
 from crosscoders.errors import DataError
+from crosscoders.store import ActivationStore
 
 # --------------------------------------------------------------------------------------------
-# Reading rows
+# Checks on what the pass reads
 
 
-class RowSource(Protocol):
-    """Activations [N, S, D] read in order, with token ids and context windows if known."""
-
-    n_tokens: int
-    n_sources: int
-    d_model: int
-
-    def read(self, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` as float32 [n, S, D]."""
-
-    def gather(self, index: np.ndarray) -> Tensor:
-        """Rows at ``index`` as float [n, S, D]."""
-
-    def tokens(self, start: int, stop: int) -> np.ndarray | None:
-        """Token id of rows ``[start, stop)`` ([n] int64), or None if unknown."""
-
-    def window(self, row: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Token ids around ``row`` in its context, the row index of each (-1 if the position
-        was not stored, e.g. BOS), and the index of ``row`` in them."""
-
-
-class TensorRows:
-    """A tensor or array [N, S, D] as a :class:`RowSource`.
-
-    ``token_ids`` [N] gives tokens (for examples and the special-token share);
-    ``doc_ids`` [N] marks which rows belong to one sequence, so a context window never
-    crosses a document boundary (default: all rows are one sequence).
-    """
-
-    def __init__(
-        self,
-        acts_NSD: Tensor | np.ndarray,
-        token_ids: Tensor | np.ndarray | Sequence[int] | None = None,
-        doc_ids: Tensor | np.ndarray | Sequence[int] | None = None,
-    ) -> None:
-        if acts_NSD.ndim != 3:
-            raise DataError(
-                f"activations must have shape [N, S, D], got {tuple(acts_NSD.shape)}; for one "
-                "source use x[:, None, :]"
-            )
-        self.acts = acts_NSD
-        self.n_tokens, self.n_sources, self.d_model = (int(n) for n in acts_NSD.shape)
-        self.token_ids = _as_index_array(token_ids, self.n_tokens, "token_ids")
-        self.doc_ids = _as_index_array(doc_ids, self.n_tokens, "doc_ids")
-
-    def read(self, start: int, stop: int) -> Tensor:
-        x = self.acts[start:stop]
-        x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-        return x if x.dtype == torch.float64 else x.float()
-
-    def gather(self, index: np.ndarray) -> Tensor:
-        x = self.acts[np.asarray(index, dtype=np.int64)]
-        x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-        return x if x.dtype == torch.float64 else x.float()
-
-    def tokens(self, start: int, stop: int) -> np.ndarray | None:
-        return None if self.token_ids is None else self.token_ids[start:stop]
-
-    def window(self, row: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray, int]:
-        lo, hi = max(0, row - before), min(self.n_tokens, row + after + 1)
-        rows = np.arange(lo, hi)
-        if self.doc_ids is not None:
-            rows = rows[self.doc_ids[lo:hi] == self.doc_ids[row]]
-        ids = self.token_ids[rows] if self.token_ids is not None else np.full(rows.size, -1)
-        return ids, rows, int(np.searchsorted(rows, row))
-
-
-def _as_index_array(values: Any, n: int, what: str) -> np.ndarray | None:
-    if values is None:
-        return None
-    out = np.asarray(torch.as_tensor(values).cpu().numpy(), dtype=np.int64).reshape(-1)
-    if out.size != n:
-        raise DataError(f"{what} has {out.size} entries for {n} activation rows; give one per row")
-    return out
-
-
-class StoreRows:
-    """An :class:`crosscoders.store.ActivationStore` as a :class:`RowSource`.
-
-    Token ids and positions are read per shard through memory maps, so nothing of size N
-    is held in memory.
-    """
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.n_tokens, self.n_sources, self.d_model = (
-            int(store.n_tokens),
-            int(store.n_sources),
-            int(store.d_model),
-        )
-        self._meta: dict[int, np.ndarray] = {}
-
-    def read(self, start: int, stop: int) -> Tensor:
-        return self.store.rows(start, stop)
-
-    def gather(self, index: np.ndarray) -> Tensor:
-        return self.store.gather(np.asarray(index, dtype=np.int64))
-
-    def _shard_rows(self, shard: int) -> np.ndarray:
-        from crosscoders.store import format as fmt
-
-        if shard not in self._meta:
-            index = int(self.store.shards[shard]["index"])
-            self._meta[shard] = np.load(
-                fmt.shard_dir(self.store.root, index) / "rows.npy", mmap_mode="r"
-            )
-        return self._meta[shard]
-
-    def meta(self, start: int, stop: int) -> np.ndarray:
-        """Row records (token, context, position, ...) of rows ``[start, stop)``."""
-        offsets = self.store._offsets
-        parts = []
-        shard = int(np.searchsorted(offsets, start, side="right") - 1)
-        pos = start
-        while pos < stop:
-            lo, hi = int(offsets[shard]), int(offsets[shard + 1])
-            take = min(stop, hi)
-            parts.append(np.asarray(self._shard_rows(shard)[pos - lo : take - lo]))
-            pos, shard = take, shard + 1
-        from crosscoders.store import format as fmt
-
-        return np.concatenate(parts) if parts else np.empty(0, fmt.ROW_DTYPE)
-
-    def tokens(self, start: int, stop: int) -> np.ndarray | None:
-        return self.meta(start, stop)["token"].astype(np.int64)
-
-    def positions(self, start: int, stop: int) -> np.ndarray:
-        return self.meta(start, stop)["position"].astype(np.int64)
-
-    def window(self, row: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray, int]:
-        rec = self.meta(row, row + 1)[0]
-        ids = self.store.context_tokens(int(rec["context"])).astype(np.int64)
-        pos = int(rec["position"])
-        lo, hi = max(0, pos - before), min(ids.size, pos + after + 1)
-        rows = np.full(hi - lo, -1, dtype=np.int64)
-        # Stored rows of one context are consecutive, in position order.
-        near = self.meta(max(0, row - before), min(self.n_tokens, row + after + 1))
-        first = max(0, row - before)
-        for k, r in enumerate(near):
-            if r["context"] == rec["context"] and lo <= r["position"] < hi:
-                rows[int(r["position"]) - lo] = first + k
-        return ids[lo:hi], rows, pos - lo
-
-
-class HeadRows:
-    """The first ``n_tokens`` rows of another :class:`RowSource` (windows may look past)."""
-
-    def __init__(self, rows: RowSource, n_tokens: int) -> None:
-        self.rows = rows
-        self.n_tokens = min(int(n_tokens), rows.n_tokens)
-        self.n_sources, self.d_model = rows.n_sources, rows.d_model
-
-    def read(self, start: int, stop: int) -> Tensor:
-        return self.rows.read(start, min(stop, self.n_tokens))
-
-    def gather(self, index: np.ndarray) -> Tensor:
-        return self.rows.gather(index)
-
-    def tokens(self, start: int, stop: int) -> np.ndarray | None:
-        return self.rows.tokens(start, min(stop, self.n_tokens))
-
-    def window(self, row: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray, int]:
-        return self.rows.window(row, before, after)
-
-
-def as_rows(data: Any, token_ids: Any = None, doc_ids: Any = None) -> RowSource:
-    """Wrap a tensor/array [N, S, D], an ``ActivationStore``, a store directory or a
-    ``RowSource`` for reading in order."""
-    if isinstance(data, (Tensor, np.ndarray)):
-        return TensorRows(data, token_ids, doc_ids)
-    if isinstance(data, (str, Path)):
-        from crosscoders.store import ActivationStore
-
-        return StoreRows(ActivationStore.open(data))
-    if hasattr(data, "shards") and hasattr(data, "rows") and hasattr(data, "context_tokens"):
-        return StoreRows(data)
-    if all(hasattr(data, a) for a in ("read", "gather", "tokens", "window", "n_tokens")):
-        return data
-    raise DataError(
-        f"cannot analyse a {type(data).__name__}: pass a tensor [N, S, D], an ActivationStore "
-        "or a store directory"
-    )
-
-
-def check_finite(rows: RowSource, x: Tensor, start: int) -> None:
+def check_rows_finite(source: ActivationSource, x: Tensor, start: int) -> None:
     """Refuse NaN/inf activations (they would poison every statistic and the SVDs)."""
     if bool(torch.isfinite(x).all()):
         return
     bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero()[0, 0]) + start
-    inner = rows
-    while isinstance(inner, HeadRows):
-        inner = inner.rows
-    if isinstance(inner, StoreRows):
+    inner = source
+    while isinstance(inner, Head):
+        inner = inner.source
+    if isinstance(inner, ActivationStore):
         raise DataError(
-            f"the activation store {inner.store.root} holds non-finite values (NaN or inf), "
+            f"the activation store {inner.root} holds non-finite values (NaN or inf), "
             f"first at row {bad}; its shards are damaged or the models produced them: "
             "harvest again into a new directory (e.g. with --dtype float32)"
         )
@@ -314,37 +131,43 @@ def analysis_pass(
     Returns the number of rows read. The model is used in eval mode (BatchTopK uses its
     inference threshold, so a token's code does not depend on the batch).
     """
-    rows = as_rows(data)
-    _check_model_data(model, rows)
-    stop = rows.n_tokens if stop is None else min(stop, rows.n_tokens)
+    source = as_source(data)
+    check_model_data(model, source)
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    if stop <= start:
-        raise DataError(f"no rows to analyse in [{start}, {stop}); the data has {rows.n_tokens}")
+    stop = ordered_stop(source, stop)
+    if stop is not None and stop <= start:
+        raise DataError(f"no rows to analyse in [{start}, {stop}); the data has "
+                        f"{source.n_tokens}")
     consumers = list(consumers)
     was_training = model.training
     model.eval()
     device = model.W_dec.device
+    read = 0
     try:
-        with progress_bar(stop - start, desc, progress) as bar:
-            for s in range(start, stop, batch_size):
-                e = min(stop, s + batch_size)
-                x = rows.read(s, e).to(device=device, dtype=model.W_dec.dtype)
-                check_finite(rows, x, s)
-                batch = EncodedBatch.encode(model, x, s, rows.tokens(s, e))
+        with progress_bar(None if stop is None else stop - start, desc, progress) as bar:
+            for s, x in ordered_batches(source, batch_size, start, stop):
+                e = s + len(x)
+                x = x.to(device=device, dtype=model.W_dec.dtype)
+                check_rows_finite(source, x, s)
+                batch = EncodedBatch.encode(model, x, s, source.token_ids(s, e))
                 for consumer in consumers:
                     consumer.update(batch)
                 bar.update(e - s)
+                read += e - s
     finally:
         model.train(was_training)
-    return stop - start
+    if not read:
+        raise DataError(f"no rows to analyse from row {start}: the data ended before it")
+    return read
 
 
-def _check_model_data(model: Any, rows: RowSource) -> None:
+def check_model_data(model: Any, source: ActivationSource) -> None:
+    """Refuse data whose shape is not the crosscoder's."""
     S, D = model.config.n_sources, model.config.d_model
-    if (rows.n_sources, rows.d_model) != (S, D):
+    if (source.n_sources, source.d_model) != (S, D):
         raise DataError(
-            f"the data has {rows.n_sources} sources of width {rows.d_model} but the crosscoder "
+            f"the data has {source.n_sources} sources of width {source.d_model} but the crosscoder "
             f"reads {S} of width {D}; use the store the crosscoder was trained on"
         )
 
@@ -439,7 +262,7 @@ def activation_stats(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Per-latent statistics and the reconstruction summary in one pass (see
     :class:`ActivationStats`)."""
-    rows = as_rows(data, token_ids)
+    source = as_source(data, token_ids=token_ids)
     stats = ActivationStats(model.dict_size, model.n_sources, model.d_model, special_ids)
-    analysis_pass(model, rows, [stats], batch_size, progress=progress, desc="activation stats")
+    analysis_pass(model, source, [stats], batch_size, progress=progress, desc="activation stats")
     return stats.per_latent(), stats.summary()

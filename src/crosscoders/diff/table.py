@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crosscoders.data import as_source
 from crosscoders.diff.categories import (
     CATEGORIES,
     CategoryThresholds,
@@ -70,7 +71,7 @@ from crosscoders.diff.schema import (
     Files,
     Summary,
 )
-from crosscoders.diff.stats import ActivationStats, analysis_pass, as_rows
+from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write, atomic_write_text
 
@@ -242,7 +243,7 @@ def latent_table(
         _add_counts(summary, cols, graded)
         return LatentTable(pd.DataFrame(cols), summary)
 
-    rows = as_rows(data, token_ids)
+    source = as_source(data, token_ids=token_ids)
     stats = ActivationStats(model.dict_size, model.n_sources, model.d_model, special_ids)
     candidates = (leaning_candidates(cols, graded, fixed) if graded is not None
                   and isinstance(latent_scaling, str) and latent_scaling == "auto"
@@ -261,7 +262,7 @@ def latent_table(
     ]
     analysis_pass(
         model,
-        rows,
+        source,
         [stats, *(a for a, _ in accs), *extra_consumers],
         batch_size,
         progress=progress,

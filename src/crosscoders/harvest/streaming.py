@@ -4,7 +4,9 @@ For data larger than the disk. The models stay loaded; nothing is written. The s
 stored positions is the one a store would hold, repeated in epochs of ``config.tokens``
 positions (or fewer if the data runs out). The first ``eval_tokens`` positions of every
 epoch are the held-out split; the rest is cut into windows of ``buffer_tokens`` rows, and
-each window is shuffled with a seed derived from ``(seed, window index)``.
+each window is shuffled with a seed derived from ``(seed, window index)``. In order, its
+rows are one epoch's stored positions (held-out ones first), computed as they are read;
+there is no random access (``gather``, ``window``): harvest to a store for that.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from crosscoders.data import ActivationSource, StreamCursor
 from crosscoders.errors import ConfigError, DataError
 from crosscoders.harvest.config import HarvestConfig
 from crosscoders.harvest.loop import ModelRunner, kept_positions, load_tokenizers, plan_harvest
 from crosscoders.harvest.tokens import TokenStream, pick_chat_tokenizer
 
 
-class StreamingSource:
+class StreamingSource(ActivationSource):
     """An ``ActivationSource`` that runs the models as the trainer asks for batches."""
 
     def __init__(self, config: HarvestConfig, buffer_tokens: int = 1 << 16) -> None:
@@ -41,6 +44,9 @@ class StreamingSource:
         self.buffer_tokens = buffer_tokens
         e = config.eval_tokens
         self.n_eval = int(round(e * config.tokens)) if e < 1 else int(e)
+        self.n_tokens = None  # known only once an epoch has been tokenised
+        self.cursor = StreamCursor(lambda: self._epoch_rows(0, None), self.n_sources,
+                                   self.d_model)
 
     def _forward(self, batch: Any, flat: np.ndarray) -> torch.Tensor:
         ids = torch.from_numpy(batch.input_ids)
@@ -167,6 +173,11 @@ class StreamingSource:
             "n_eval": self.n_eval,
             "buffer_tokens": self.buffer_tokens,
         }
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of an epoch in stream order (fewer at its end); reading in
+        order runs the models once per row."""
+        return self.cursor.read(start, stop)
 
     def close(self) -> None:
         for runner in self.runners:

@@ -204,10 +204,10 @@ class ActivationCheck:
     rows of the context's window, read from the data the diff ran on."""
 
     def __init__(self, crosscoder: Any, data: Any, device: str = "cpu") -> None:
-        from crosscoders.diff.stats import as_rows
+        from crosscoders.data import as_source
 
         self.model = crosscoder.to(device).eval()
-        self.rows = as_rows(data)
+        self.source = as_source(data)
         self.device = device
 
     def __call__(self, latent: int, contexts: Sequence[Context]) -> list[float]:
@@ -215,7 +215,7 @@ class ActivationCheck:
 
         windows = []
         for c in contexts:
-            ids, rows, _ = self.rows.window(c.row, c.center, len(c.tokens) - 1 - c.center)
+            ids, rows, _ = self.source.window(c.row, c.center, len(c.tokens) - 1 - c.center)
             ids = [int(i) for i in ids if int(i) >= 0]
             if tuple(ids) != c.ids:
                 raise DataError(
@@ -227,7 +227,7 @@ class ActivationCheck:
         if need.size == 0:
             return [0.0] * len(contexts)
         with torch.inference_mode():
-            x = self.rows.gather(need).to(device=self.device, dtype=self.model.W_dec.dtype)
+            x = self.source.gather(need).to(device=self.device, dtype=self.model.W_dec.dtype)
             f_N = self.model.encode(x)[:, latent].double().cpu().numpy()
         where = {int(r): k for k, r in enumerate(need)}
         return [float(max((f_N[where[int(r)]] for r in w), default=0.0)) for w in windows]

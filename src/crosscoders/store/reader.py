@@ -1,4 +1,5 @@
-"""Open, validate and read an activation store (the trainer's ``ActivationSource``)."""
+"""Open, validate and read an activation store (an ``ActivationSource``: the trainer's
+shuffled batches and the analysis's rows, tokens and context windows)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from crosscoders.data import find_nonfinite, shard_rows
+from crosscoders.data.checks import find_nonfinite
+from crosscoders.data.shard import shard_rows
 from crosscoders.errors import DataError
 from crosscoders.store import format as fmt
 from crosscoders.store.shuffle import ShufflePlan, Window
@@ -67,6 +69,7 @@ class ActivationStore:
         sizes = [int(s["n_tokens"]) for s in self.shards]
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._acts: dict[tuple[int, int], np.ndarray] = {}
+        self._records: dict[int, np.ndarray] = {}  # shard position -> memory-mapped rows.npy
         self._lock = threading.Lock()
         self.verify_reads = True
         self._verified: set[int] = set()  # shard positions whose activations were hashed
@@ -240,8 +243,7 @@ class ActivationStore:
         # Move the boundary back to the start of the context that contains it. Shards hold
         # whole contexts, so only the boundary's shard is read.
         shard = int(np.searchsorted(self._offsets, boundary, side="right") - 1)
-        path = fmt.shard_dir(self.root, int(self.shards[shard]["index"])) / "rows.npy"
-        contexts = np.load(path, mmap_mode="r")["context"]
+        contexts = self._shard_records(shard)["context"]
         local = boundary - int(self._offsets[shard])
         first = int(self._offsets[shard]) + int(np.searchsorted(contexts, contexts[local]))
         return first if first > 0 else boundary
@@ -314,7 +316,7 @@ class ActivationStore:
         return out
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` as float32 [n, S, D]."""
+        """Rows ``[start, stop)`` as float32 [n, S, D] (the analysis's in-order read)."""
         return fmt.to_float32(self.read(start, stop), self.dtype)
 
     def gather(self, index: np.ndarray) -> torch.Tensor:
@@ -332,18 +334,45 @@ class ActivationStore:
         return fmt.to_float32(out, self.dtype)
 
     # -- tokens and provenance -----------------------------------------------------------------
+    def _shard_records(self, position: int) -> np.ndarray:
+        """The row records of the shard at ``position``, memory-mapped (read once opened)."""
+        records = self._records.get(position)
+        if records is None:
+            path = fmt.shard_dir(self.root, int(self.shards[position]["index"])) / "rows.npy"
+            records = np.load(path, mmap_mode="r")
+            with self._lock:
+                self._records[position] = records
+        return records
+
+    def records(self, start: int, stop: int) -> np.ndarray:
+        """[n] row records (token, context, position, doc, doc_pos, dataset) of rows
+        ``[start, stop)``, read through memory maps: nothing of size N is held."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) outside the store's {self.n_tokens} rows")
+        parts = []
+        for k in self._shards_of(start, stop):
+            lo = int(self._offsets[k])
+            a, b = max(start, lo) - lo, min(stop, int(self._offsets[k + 1])) - lo
+            parts.append(self._shard_records(k)[a:b])
+        return np.concatenate(parts) if parts else np.empty(0, fmt.ROW_DTYPE)
+
     @cached_property
     def rows_meta(self) -> np.ndarray:
         """[N] structured array: token, context, position, doc, doc_pos, dataset per row."""
-        parts = [
-            np.load(fmt.shard_dir(self.root, int(s["index"])) / "rows.npy") for s in self.shards
-        ]
-        return np.concatenate(parts) if parts else np.empty(0, fmt.ROW_DTYPE)
+        return self.records(0, self.n_tokens)
 
     @property
     def tokens(self) -> np.ndarray:
         """[N] int32 token id of each row (aligned with the activations)."""
         return self.rows_meta["token"]
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        """[n] int64 token id of rows ``[start, stop)``."""
+        return self.records(start, stop)["token"].astype(np.int64)
+
+    def positions(self, start: int, stop: int) -> np.ndarray:
+        """[n] int64 position of rows ``[start, stop)`` in their model input."""
+        return self.records(start, stop)["position"].astype(np.int64)
 
     @cached_property
     def _contexts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -365,16 +394,29 @@ class ActivationStore:
 
     def locate(self, row: int) -> dict[str, int]:
         """Provenance of a row: token, context (model input) and position, doc and doc_pos."""
-        rec = self.rows_meta[row]
+        rec = self.records(row, row + 1)[0]
         return {name: int(rec[name]) for name in fmt.ROW_DTYPE.names}
+
+    def window(self, row: int, before: int, after: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Token ids around ``row`` inside its model input ([w] int64), the store row of each
+        (-1 where the position was not stored, e.g. a BOS) and the index of ``row`` in them."""
+        rec = self.records(row, row + 1)[0]
+        ids = self.context_tokens(int(rec["context"])).astype(np.int64)
+        pos = int(rec["position"])
+        lo, hi = max(0, pos - before), min(ids.size, pos + after + 1)
+        rows = np.full(hi - lo, -1, dtype=np.int64)
+        # Stored rows of one context are consecutive, in position order.
+        first = max(0, row - before)
+        near = self.records(first, min(self.n_tokens, row + after + 1))
+        for k, r in enumerate(near):
+            if r["context"] == rec["context"] and lo <= r["position"] < hi:
+                rows[int(r["position"]) - lo] = first + k
+        return ids[lo:hi], rows, pos - lo
 
     def context(self, row: int, before: int = 32, after: int = 0) -> tuple[np.ndarray, int]:
         """Token ids around ``row`` inside its model input, and the row's index in them."""
-        info = self.locate(row)
-        ids = self.context_tokens(info["context"])
-        lo = max(0, info["position"] - before)
-        hi = min(ids.size, info["position"] + after + 1)
-        return ids[lo:hi], info["position"] - lo
+        ids, _, center = self.window(row, before, after)
+        return ids, center
 
     # -- statistics --------------------------------------------------------------------------
     @cached_property
