@@ -6,10 +6,11 @@ rank 0. Before each checkpoint every logger puts what it holds on disk (or hands
 wandb). A resumed run repeats the steps between its checkpoint and the kill, computing the
 same values, and none is logged twice: the JSONL file is cut back to the checkpoint's step;
 TensorBoard purges the events after it (``purge_step``), so the repeated steps replace the
-killed run's; the wandb run keeps its id and the last step it holds in ``tracking.json`` in
-the run directory, is continued with ``resume="allow"`` and is sent only the later steps.
-At the end, the relative decoder norms of a two-source crosscoder (a histogram) and its
-category counts go to wandb's summary and to TensorBoard.
+killed run's; the wandb run keeps its id in ``tracking.json`` in the run directory, is
+continued with ``resume="allow"`` and is sent the steps after the checkpoint, or, online,
+after the last step the server holds. At the end, the relative decoder norms of a
+two-source crosscoder (a histogram) and its category counts go to wandb's summary and to
+TensorBoard.
 """
 
 from __future__ import annotations
@@ -250,25 +251,18 @@ def truncate_records(path: Path, step: int) -> None:
 
 
 class WandbLogger:
-    """A Weights & Biases run; one run directory is one wandb run, continued by id.
-
-    The records of a step go to wandb as one row, sent (and committed) when the next step
-    begins, at each checkpoint and at the end; ``tracking.json`` then records the last step
-    wandb holds, and a resumed run sends only the steps after it.
-    """
+    """A Weights & Biases run; one run directory is one wandb run, continued by its id."""
 
     wants_summary = True
 
     def __init__(self, config: TrainConfig, run_dir: Path | None, start_step: int):
         self.wandb = _require("wandb")
-        self.run_dir = run_dir
-        state = _tracking_state(run_dir)
         # wandb ids are short lowercase alphanumerics, unique within a project
-        self.run_id = state.get("wandb_run_id") or secrets.token_hex(6)
+        run_id = _tracking_state(run_dir).get("wandb_run_id") or secrets.token_hex(6)
         if run_dir is not None:  # saved first: a kill during init still reuses the id
-            _save_tracking_state(run_dir, {"wandb_run_id": self.run_id})
+            _save_tracking_state(run_dir, {"wandb_run_id": run_id})
         kwargs = {"project": config.wandb_project, "entity": config.wandb_entity,
-                  "name": config.wandb_run_name, "id": self.run_id, "resume": "allow",
+                  "name": config.wandb_run_name, "id": run_id, "resume": "allow",
                   # train() may run beside the caller's own wandb run: never take it over
                   "reinit": "create_new"}
         if run_dir is not None and not os.environ.get("WANDB_DIR"):
@@ -277,33 +271,20 @@ class WandbLogger:
             self.run = self.wandb.init(**kwargs)
         except Exception as err:  # no login, no network, a bad project name
             raise CrosscodersError(
-                f"wandb could not start run {self.run_id} ({brief(err)}); run `wandb login`, "
-                "or set WANDB_MODE=offline to log locally and `wandb sync` later"
+                f"wandb could not start run {run_id} ({brief(err)}); run `wandb login`, or "
+                "set WANDB_MODE=offline to log locally and `wandb sync` later"
             ) from None
-        # an online run that is continued also knows the steps the server holds
-        held = int(getattr(self.run, "starting_step", 0) or 0) - 1
-        self.last_sent = max(start_step, int(state.get("wandb_logged_step", 0)), held)
-        self.row: dict[str, float] = {}
-        self.row_step = -1
+        # steps up to the checkpoint were sent before; a continued online run also says
+        # which steps the server holds (W&B refuses steps below that, with a warning)
+        held = int(getattr(self.run, "starting_step", 0) or 0)
+        self.first_step = max(start_step + 1, held)
 
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update(config, allow_val_change=True)
 
     def log(self, record: dict[str, Any], step: int) -> None:
-        if step <= self.last_sent:  # wandb holds it from before the kill
-            return
-        if step != self.row_step:
-            self._send()
-        self.row_step = step
-        self.row.update(_scalars(record))
-
-    def _send(self) -> None:
-        if not self.row:
-            return
-        self.run.log(self.row, step=self.row_step, commit=True)
-        self.row, self.last_sent = {}, self.row_step
-        if self.run_dir is not None:
-            _save_tracking_state(self.run_dir, {"wandb_logged_step": self.last_sent})
+        if step >= self.first_step:  # a step's records (train, eval) merge into one row
+            self.run.log(_scalars(record), step=step)
 
     def log_summary(self, summary: TrainingSummary) -> None:
         if summary.rel_norm_F is not None:
@@ -313,11 +294,9 @@ class WandbLogger:
             self.run.summary[f"categories/{name}"] = count
 
     def flush(self) -> None:
-        self._send()
+        """wandb's service process takes each record as it is logged."""
 
     def close(self, ok: bool = True) -> None:
-        if ok:  # after an error the step may be half logged: a resumed run sends it whole
-            self._send()
         self.run.finish(exit_code=0 if ok else 1)
 
 
