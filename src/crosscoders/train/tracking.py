@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 #: what a run directory remembers for its loggers (the wandb run id)
 TRACKING_FILE = "tracking.json"
-#: the optional library each logger needs, and the extra that installs it
-LIBRARIES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+#: loggers that need a library of their name, installed by the extra of their name
+OPTIONAL = ("wandb", "tensorboard")
 #: bins of the relative-norm histogram over [0, 1]
 REL_NORM_BINS = 50
 
@@ -85,12 +85,11 @@ def logger_names(config: TrainConfig) -> list[str]:
 
 def _require(name: str) -> Any:
     """Import a logger's library, or say in one line how to install it."""
-    module = LIBRARIES[name]
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError:
         raise CrosscodersError(
-            f"the {name} logger needs the {module} package, which is not installed; "
+            f"the {name} logger needs the {name} package, which is not installed; "
             f"pip install 'crosscoders[{name}]' (or drop {name} from the train loggers)"
         ) from None
 
@@ -100,7 +99,7 @@ def check_loggers(config: TrainConfig, run_dir: str | Path | None) -> None:
     TensorBoard has no directory to write to."""
     names = logger_names(config)
     for name in names:
-        if name in LIBRARIES:
+        if name in OPTIONAL:
             _require(name)
     if "tensorboard" in names and config.tensorboard_dir is None and run_dir is None:
         raise ConfigError(
@@ -171,9 +170,17 @@ class Tracking:
             logger.flush()
 
     def close(self, ok: bool = True) -> None:
+        """Close every logger; after an error (``ok`` False) one that fails to close is
+        passed over, so the error that stopped training is the one raised."""
         loggers, self.loggers = self.loggers, []
+        failed = None
         for logger in loggers:
-            logger.close(ok)
+            try:
+                logger.close(ok)
+            except Exception as err:
+                failed = failed or err
+        if failed is not None and ok:
+            raise failed
 
     def __enter__(self) -> Tracking:
         return self
