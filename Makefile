@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev,hf,gguf,analysis]" "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev,hf,gguf,analysis,wandb,tensorboard]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 # the report's browser test: Debian's chromium driven by playwright-core (npm)

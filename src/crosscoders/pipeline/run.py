@@ -19,6 +19,7 @@ from crosscoders.pipeline.stages import (
     run_stage,
 )
 from crosscoders.store import format as store_format
+from crosscoders.train.tracking import check_loggers
 
 ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
                          "organism:chat_data")
@@ -84,6 +85,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> Pi
 def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordinator | None
                 ) -> PipelineResult:
     out = Path(config.out).expanduser()
+    check_loggers(config.train, out / "crosscoder")  # a missing wandb fails before harvesting
     claim_out(out)
     if config.harvest.store is None:
         _refuse_foreign_store(out, out / "store")
@@ -169,11 +171,12 @@ def train_identity(train_config) -> dict[str, Any]:
 
     How the work is spread over processes does not change the crosscoder (up to rounding),
     so ``parallel`` and ``dist_timeout_minutes`` are left out, and ``batchtopk_scope`` when
-    at its default: a config gains the keys without its finished stage being redone.
+    at its default: a config gains the keys without its finished stage being redone. Where
+    the metrics are logged (``loggers``, wandb, TensorBoard) changes nothing either.
     """
     identity = train_config.to_dict()
-    identity.pop("parallel", None)
-    identity.pop("dist_timeout_minutes", None)
+    for key in ("parallel", "dist_timeout_minutes", *train_config.TRACKING_FIELDS):
+        identity.pop(key, None)
     if identity.get("batchtopk_scope") == "global":
         identity.pop("batchtopk_scope")
     return identity

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from crosscoders.configs import Config
@@ -65,6 +65,19 @@ class TrainConfig(Config):
     batchtopk_scope: Literal["global", "local"] = "global"
     #: how long a data-parallel process waits for the others before it stops with an error
     dist_timeout_minutes: float = 10.0
+    #: where the metrics go (docs/training.md#tracking): jsonl (metrics.jsonl in the run
+    #: directory), wandb (Weights & Biases), tensorboard; the two settings below add theirs
+    loggers: list[Literal["jsonl", "wandb", "tensorboard"]] = field(
+        default_factory=lambda: ["jsonl"])
+    #: Weights & Biases project; setting it turns the wandb logger on
+    wandb_project: str | None = None
+    #: Weights & Biases entity (user or team); None: the account's default
+    wandb_entity: str | None = None
+    #: the run's display name in Weights & Biases; None: one wandb makes up
+    wandb_run_name: str | None = None
+    #: TensorBoard event directory of this run; setting it turns the tensorboard logger on
+    #: (tensorboard alone writes to <run_dir>/tensorboard)
+    tensorboard_dir: str | None = None
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
@@ -90,6 +103,9 @@ class TrainConfig(Config):
             raise ConfigError(f"dist_timeout_minutes must be > 0, got "
                               f"{self.dist_timeout_minutes}")
 
+    #: fields that say where the metrics go
+    TRACKING_FIELDS = ("loggers", "wandb_project", "wandb_entity", "wandb_run_name",
+                       "tensorboard_dir")
     #: fields that may differ when resuming a run (they do not change the result)
     RESUMABLE_CHANGES = ("eval_every", "log_every", "checkpoint_every", "progress", "device",
-                         "prefetch", "parallel", "dist_timeout_minutes")
+                         "prefetch", "parallel", "dist_timeout_minutes", *TRACKING_FIELDS)

@@ -2,7 +2,8 @@
 
 A run directory holds ``run.json`` (what is being trained on what), ``checkpoint.pt``
 (everything needed to continue exactly: weights, optimizer, step, normalisation, dead
-counters, RNG), ``metrics.jsonl`` and, at the end, the crosscoder itself (``config.json``
+counters, RNG), ``metrics.jsonl`` (and the other loggers' records, see
+:mod:`crosscoders.train.tracking`) and, at the end, the crosscoder itself (``config.json``
 + ``model.safetensors``, normalisation folded in). Every file is written atomically, so a
 run killed at any moment resumes from its last checkpoint and finishes with the same
 weights as an uninterrupted run. ``run.json`` records a fingerprint of the data, so a run
@@ -43,10 +44,16 @@ from crosscoders.train.distributed import DataParallel, GradientReducer, resolve
 from crosscoders.train.loss import LossTerms, SparseStep, StepKnobs, dense_loss
 from crosscoders.train.normalise import estimate_scale, scale_from_mean_squared_norm
 from crosscoders.train.prefetch import device_batches
+from crosscoders.train.tracking import (
+    METRICS_FILE,
+    TRACKING_FILE,
+    Tracking,
+    check_loggers,
+    open_tracking,
+)
 
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 def train(
@@ -65,6 +72,7 @@ def train(
     batch; every process returns the same model.
     """
     train_config = train_config or TrainConfig()
+    check_loggers(train_config, run_dir)  # a missing wandb/tensorboard fails before any work
     mode = resolve_parallel(train_config.parallel)
     source = as_source(data, train_config.eval_tokens, train_config.batch_size)
     if isinstance(config_or_model, Crosscoder):
@@ -137,6 +145,8 @@ class Trainer:
                                       batchtopk_scope=config.batchtopk_scope)
         self.reducer = (GradientReducer(self.dp, list(self.model.parameters()))
                         if self.dp is not None else None)
+        #: where records go (rank 0 of a run that trains; see run())
+        self.tracking = Tracking()
 
     # ----------------------------------------------------------------- schedules
     def lr_at(self, step: int) -> float:
@@ -177,7 +187,11 @@ class Trainer:
             sharded_batches(self.source, c.batch_size, c.seed, start=self.step, shard=shard),
             self.device, depth)
         try:
-            return self._loop(batches, start_step)
+            self.tracking = self._open_tracking(resumed)
+            with self.tracking:
+                final = self._loop(batches, start_step)
+                self.tracking.log_summary(final, self.step)
+                return final
         finally:
             if hasattr(batches, "close"):
                 batches.close()
@@ -198,9 +212,9 @@ class Trainer:
             if self.step % c.log_every == 0 or self.step == c.steps:
                 record = self._log_record(x_BSD, terms)
                 bar.set_postfix(_short(record), refresh=False)
-                self._append_metrics(record)
+                self.tracking.log(record)
             if self.step % c.eval_every == 0 or self.step == c.steps:
-                self._append_metrics(self.evaluate())
+                self.tracking.log(self.evaluate())
             if self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self._save_checkpoint()
         bar.close()
@@ -354,6 +368,18 @@ class Trainer:
             )
         return x
 
+    def _open_tracking(self, resumed: bool) -> Tracking:
+        """Rank 0's loggers, with the run's settings logged; none for a finished run."""
+        if not self.is_main or (resumed and self.step >= self.config.steps):
+            return Tracking()
+        tracking = open_tracking(self.config, self.run_dir, self.step, resumed)
+        try:
+            tracking.log_config(self._run_identity())
+        except BaseException:
+            tracking.close(ok=False)
+            raise
+        return tracking
+
     def _run_identity(self) -> dict:
         return {
             "crosscoder": self.model.config.to_dict(),
@@ -457,6 +483,7 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if self.run_dir is None:
             return
+        self.tracking.flush()  # every step up to the checkpoint is logged before it exists
         if self.is_main:
             state = self._checkpoint_state()
             atomic_write(self.run_dir / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
@@ -478,8 +505,6 @@ class Trainer:
         self.tokens_since_fired_F = state["tokens_since_fired_F"].to(self.device)
         self.threshold_hint = state["threshold_hint"]
         torch.set_rng_state(state["torch_rng"].cpu())
-        if self.is_main:
-            self._truncate_metrics(self.step)
         return state.get("distributed") or {"mode": "none", "world_size": 1}
 
     # ----------------------------------------------------------------- logging / eval
@@ -552,27 +577,6 @@ class Trainer:
         record["dead_frac"] = float((self.tokens_since_fired_F >= self.dead_after).float().mean())
         return record
 
-    def _append_metrics(self, record: dict) -> None:
-        if self.run_dir is None or not self.is_main:
-            return
-        with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records logged after the checkpoint: the resumed run logs them again."""
-        path = self.run_dir / METRICS_FILE
-        if not path.exists():
-            return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by a kill
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
     # ----------------------------------------------------------------- finish
     def _finish(self) -> Crosscoder:
         final = copy.deepcopy(self.model).cpu().eval()
@@ -643,7 +647,8 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
     Only ``.<file>.*.tmp`` for the files a run writes (``crosscoders.io.atomic_write``'s
     temporary names) are removed, never anything else in the directory.
     """
-    for name in (RUN_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE):
+    for name in (RUN_FILE, CHECKPOINT_FILE, METRICS_FILE, TRACKING_FILE, CONFIG_FILE,
+                 WEIGHTS_FILE):
         for tmp in run_dir.glob(f".{name}.*.tmp"):
             if tmp.is_file():
                 tmp.unlink(missing_ok=True)
