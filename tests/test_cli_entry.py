@@ -57,6 +57,7 @@ RECORDED = {
         '--expansion 1 int',
         '--k 1 int',
         '--l1-coeff 1 float',
+        '--loggers + {jsonl,tensorboard,wandb}',
         '--lr 1 float',
         '--no-progress switch',
         '--out 1 required',
@@ -64,6 +65,10 @@ RECORDED = {
         '--seed 1 int',
         '--source-names +',
         '--steps 1 int',
+        '--tensorboard-dir/--tensorboard 1',
+        '--wandb-entity 1',
+        '--wandb-project 1',
+        '--wandb-run-name 1',
     },
     'bench synthetic': {
         '--activations +',

@@ -381,6 +381,21 @@ def test_cli_reports_missing_wandb_with_the_fix(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_cli_tensorboard_flag_writes_event_files(tmp_path, capsys):
+    import torch
+
+    acts, _ = planted_acts(n=512)
+    torch.save(acts, tmp_path / "acts.pt")
+    code = cli_main(["train", "--data", str(tmp_path / "acts.pt"), "--out",
+                     str(tmp_path / "run"), "--steps", "6", "--batch-size", "64",
+                     "--tensorboard", str(tmp_path / "tb"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    events = _tensorboard(tmp_path / "tb")
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert _jsonl_steps(tmp_path / "run")[-1] == 6  # jsonl stays on beside it
+
+
 def test_tensorboard_without_a_directory_is_refused(tmp_path):
     pytest.importorskip("tensorboard")
     acts, _ = planted_acts(n=512)

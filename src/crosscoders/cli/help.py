@@ -26,6 +26,12 @@ FIELD_HELP: dict[str, dict[str, str]] = {
         "checkpoint_every": "steps between checkpoints",
         "parallel": "under torchrun: data (the default there) trains one crosscoder on "
                     "every process's slice of each batch; see docs/scaling.md",
+        "loggers": "where metrics go: jsonl (metrics.jsonl), wandb, tensorboard; see "
+                   "docs/training.md, Tracking",
+        "wandb_project": "log to this wandb project (adds the wandb logger)",
+        "wandb_entity": "wandb entity (team or user) of the run",
+        "wandb_run_name": "wandb display name of the run",
+        "tensorboard_dir": "write TensorBoard event files here (adds the tensorboard logger)",
     },
     "ModelSpec": {
         "sites": "sites read from every model: 12, -1, 0.5 (fraction of depth), "

@@ -41,6 +41,11 @@ FLAGS = (
     SOURCE_NAMES,
     Field(TrainConfig, "checkpoint_every"),
     Field(TrainConfig, "parallel", options={"choices": ["data", "none"]}),
+    Field(TrainConfig, "loggers"),
+    Field(TrainConfig, "wandb_project"),
+    Field(TrainConfig, "wandb_entity"),
+    Field(TrainConfig, "wandb_run_name"),
+    Field(TrainConfig, "tensorboard_dir", aliases=("--tensorboard",)),
     NO_PROGRESS,
 )
 
