@@ -78,7 +78,7 @@ def firing_frequency(model: Any, data: Any, max_tokens: int | None = None,
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 x = rows.read(start, min(n, start + batch_size)).to(model.W_dec.dtype)
-                _, latent_E, _ = model.encode_sparse(x)
+                latent_E = model.encode_sparse(x).latent_E
                 count_F += torch.bincount(latent_E.cpu(), minlength=model.dict_size)
     finally:
         model.train(was_training)

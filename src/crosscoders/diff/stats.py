@@ -7,9 +7,9 @@ encodes each batch once and hands an :class:`EncodedBatch` to every consumer
 share one read of the data and one encoder GEMM. Consumers keep state whose size depends
 on the number of latents, never on the number of tokens.
 
-The latent code of a batch is kept sparse (``b_E, i_E, v_E``: row, latent and value of the
-E non-zero entries), so the bookkeeping costs O(E) instead of O(B * F), and the
-reconstruction is decoded from the active set only (``embedding_bag``, cost E * S * D).
+The latent code of a batch is kept sparse (:class:`~crosscoders.model.sparse.SparseCodes`:
+row, latent and value of the E non-zero entries), so the bookkeeping costs O(E) instead of
+O(B * F), and the reconstruction is decoded from the active set only (cost E * S * D).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from crosscoders.errors import DataError
+from crosscoders.model.sparse import SparseCodes, sparse_decode
 
 # --------------------------------------------------------------------------------------------
 # Reading rows
@@ -244,9 +244,7 @@ class EncodedBatch:
 
     row0: int
     x_BSD: Tensor
-    b_E: Tensor
-    i_E: Tensor
-    v_E: Tensor
+    codes: SparseCodes
     tokens_B: np.ndarray | None
     model: Any
     _xhat: Tensor | None = field(default=None, repr=False)
@@ -255,37 +253,19 @@ class EncodedBatch:
     def encode(
         cls, model: Any, x_BSD: Tensor, row0: int = 0, tokens_B: np.ndarray | None = None
     ) -> EncodedBatch:
-        b_E, i_E, v_E = model.encode_sparse(x_BSD)
-        return cls(row0, x_BSD, b_E, i_E, v_E, tokens_B, model)
+        return cls(row0, x_BSD, model.encode_sparse(x_BSD), tokens_B, model)
 
     @property
     def f_BF(self) -> Tensor:
         """The dense [B, F] code (built on demand; the pass itself never needs it)."""
-        f_BF = self.v_E.new_zeros(len(self.x_BSD), self.model.dict_size)
-        f_BF[self.b_E, self.i_E] = self.v_E
-        return f_BF
+        return self.codes.to_dense()
 
     @property
     def xhat_BSD(self) -> Tensor:
         if self._xhat is None:
-            self._xhat = sparse_decode(self.model, self.b_E, self.i_E, self.v_E, len(self.x_BSD))
+            xhat_BX = sparse_decode(self.codes, self.model.W_dec, self.model.b_dec)
+            self._xhat = xhat_BX.view(self.x_BSD.shape)
         return self._xhat
-
-
-def sparse_decode(model: Any, b_E: Tensor, i_E: Tensor, v_E: Tensor, n_rows: int) -> Tensor:
-    """``decode`` from the active entries only (rows ``b_E`` sorted): [n_rows, S, D]."""
-    F_, S, D = model.W_dec.shape
-    counts = torch.bincount(b_E, minlength=n_rows)
-    offsets = torch.zeros(n_rows, dtype=torch.long, device=b_E.device)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    out = F.embedding_bag(
-        i_E,
-        model.W_dec.reshape(F_, S * D),
-        offsets,
-        mode="sum",
-        per_sample_weights=v_E.to(model.W_dec.dtype),
-    )
-    return out.reshape(n_rows, S, D) + model.b_dec
 
 
 class Consumer(Protocol):
@@ -376,8 +356,9 @@ class ActivationStats:
         self.has_tokens = True
 
     def update(self, batch: EncodedBatch) -> None:
+        codes = batch.codes
         F_ = self.count_F.numel()
-        i_E, v_E = batch.i_E.cpu(), batch.v_E.cpu().double()
+        i_E, v_E = codes.latent_E.cpu(), codes.value_E.cpu().double()
         self.n += len(batch.x_BSD)
         self.count_F += torch.bincount(i_E, minlength=F_)
         self.sum_F.index_add_(0, i_E, v_E)
@@ -393,7 +374,7 @@ class ActivationStats:
                 return
             is_special_B = torch.from_numpy(np.isin(batch.tokens_B, self.special))
             self.n_special += int(is_special_B.sum())
-            hit_E = is_special_B[batch.b_E.cpu()]
+            hit_E = is_special_B[codes.token_E.cpu()]
             self.special_count_F += torch.bincount(i_E[hit_E], minlength=F_)
 
     def per_latent(self) -> dict[str, np.ndarray]:
