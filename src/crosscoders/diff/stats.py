@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from crosscoders.errors import DataError
+from crosscoders.metrics import ReconstructionMetrics
 from crosscoders.model.sparse import SparseCodes, sparse_decode
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +336,7 @@ def _check_model_data(model: Any, rows: RowSource) -> None:
 
 class ActivationStats:
     """Per-latent firing counts, activation sums and maxima, special-token share; FVU per
-    source (pooled over tokens), L0 and dead fraction.
+    source (pooled over tokens), L0 and dead fraction (:mod:`crosscoders.metrics`).
 
     ``special_ids``: token ids counted as special/template tokens (needs token ids).
     """
@@ -343,31 +344,30 @@ class ActivationStats:
     def __init__(
         self, n_latents: int, n_sources: int, d_model: int, special_ids: Iterable[int] | None = None
     ) -> None:
-        self.n = 0
-        self.count_F = torch.zeros(n_latents, dtype=torch.int64)
+        self.metrics = ReconstructionMetrics(n_sources, d_model, n_latents)
         self.sum_F = torch.zeros(n_latents, dtype=torch.float64)
         self.max_F = torch.zeros(n_latents, dtype=torch.float64)
         self.special_count_F = torch.zeros(n_latents, dtype=torch.int64)
         self.n_special = 0
-        self.err_S = torch.zeros(n_sources, dtype=torch.float64)
-        self.sum_SD = torch.zeros(n_sources, d_model, dtype=torch.float64)
-        self.sumsq_S = torch.zeros(n_sources, dtype=torch.float64)
         self.special = None if special_ids is None else np.array(sorted(set(special_ids)))
         self.has_tokens = True
+
+    @property
+    def n(self) -> int:
+        return self.metrics.n_tokens
+
+    @property
+    def count_F(self) -> Tensor:
+        """[F] tokens on which each latent fired."""
+        return self.metrics.count_F
 
     def update(self, batch: EncodedBatch) -> None:
         codes = batch.codes
         F_ = self.count_F.numel()
         i_E, v_E = codes.latent_E.cpu(), codes.value_E.cpu().double()
-        self.n += len(batch.x_BSD)
-        self.count_F += torch.bincount(i_E, minlength=F_)
+        self.metrics.update(batch.x_BSD, batch.xhat_BSD, codes)
         self.sum_F.index_add_(0, i_E, v_E)
         self.max_F.scatter_reduce_(0, i_E, v_E, reduce="amax")
-        # per-batch sums in the data's dtype, accumulated across batches in float64
-        x = batch.x_BSD
-        self.err_S += (x - batch.xhat_BSD).pow(2).sum((0, 2)).double().cpu()
-        self.sum_SD += x.sum(0).double().cpu()
-        self.sumsq_S += (x * x).sum((0, 2)).double().cpu()
         if self.special is not None:
             if batch.tokens_B is None:
                 self.has_tokens = False
@@ -399,13 +399,12 @@ class ActivationStats:
 
     def summary(self) -> dict[str, Any]:
         """FVU per source (pooled), L0, dead fraction, token counts."""
-        total_S = self.sumsq_S - self.sum_SD.pow(2).sum(-1) / max(self.n, 1)
-        fvu = (self.err_S / total_S.clamp_min(1e-30)).tolist()
+        result = self.metrics.result()
         return {
-            "n_tokens": self.n,
-            "fvu": fvu,
-            "l0": float(self.count_F.sum()) / max(self.n, 1),
-            "dead_fraction": float((self.count_F == 0).double().mean()),
+            "n_tokens": result.n_tokens,
+            "fvu": result.fvu_S,
+            "l0": result.l0,
+            "dead_fraction": result.dead_fraction,
             "n_special_tokens": self.n_special if self.special is not None else None,
         }
 
