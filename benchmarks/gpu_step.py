@@ -156,15 +156,16 @@ def _breakdown(trainer: Trainer, x_BSD, timer: _Timer, repeats: int) -> dict:
             w_F = model.decoder_norm_weights()
             parts["select"] = timer.median_ms(lambda: step._select(model, x_BX, w_F, knobs),
                                               repeats)
-            token_idx, latent_idx, pre_E, _, _ = step._select(model, x_BX, w_F, knobs)
+            selected, _, _ = step._select(model, x_BX, w_F, knobs)
+        token_idx, latent_idx, pre_E = selected.token_E, selected.latent_E, selected.value_E
 
         def forward():
             codes = SparseCodes(token_idx, latent_idx, pre_E, B, model.dict_size,
-                                step._grad_workspace)
+                                step.workspace)  # fresh, as each step makes them
             values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc,
                                                  codes))
             xhat = sparse_decode(codes.with_values(values_E), model.W_dec, model.b_dec)
-            return squared_error(x_BX, xhat, step._grad_workspace)
+            return squared_error(x_BX, xhat, step.workspace)
 
         def forward_backward():
             loss = forward()
@@ -190,7 +191,7 @@ def _decode_alternatives(model, token_idx, latent_idx, pre_E, B, timer, repeats)
     codes = SparseCodes(token_idx, latent_idx, pre_E.float(), B, model.dict_size)
     W_FX = model.W_dec.detach().reshape(model.dict_size, -1)
     offsets = codes.token_offsets_B
-    values = codes.values_E.relu()
+    values = codes.value_E.relu()
     out = {"decode_embag_fp32": timer.median_ms(lambda: F.embedding_bag(
         latent_idx, W_FX, offsets, mode="sum", per_sample_weights=values), repeats)}
     W_bf, v_bf = W_FX.bfloat16(), values.bfloat16()

@@ -140,10 +140,10 @@ def test_encode_and_encode_sparse_on_device_equal_cpu(activation):
         ref = model.encode(x)
         on_device = model.to(DEVICE)
         f = on_device.encode(x.to(DEVICE)).cpu()
-        token_E, latent_E, value_E = on_device.encode_sparse(x.to(DEVICE))
+        codes = on_device.encode_sparse(x.to(DEVICE)).to("cpu")
     assert torch.allclose(ref, f, rtol=1e-5, atol=1e-6)
     dense = torch.zeros_like(ref)
-    dense[token_E.cpu(), latent_E.cpu()] = value_E.cpu()
+    dense[codes.token_E, codes.latent_E] = codes.value_E
     assert torch.allclose(ref, dense, rtol=1e-5, atol=1e-6)
 
 

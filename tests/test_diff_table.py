@@ -22,10 +22,10 @@ from crosscoders.diff.stats import (
     EncodedBatch,
     activation_stats,
     analysis_pass,
-    sparse_decode,
 )
 from crosscoders.diff.table import LatentTable, latent_table, normalised_decoder
 from crosscoders.errors import ConfigError, DataError
+from crosscoders.model.sparse import SparseCodes, sparse_decode
 from helpers import planted_acts
 
 
@@ -50,7 +50,9 @@ def test_sparse_decode_matches_dense(acts):
     model = _model()
     batch = EncodedBatch.encode(model, acts[:50])
     torch.testing.assert_close(batch.xhat_BSD, model.decode(batch.f_BF))
-    empty = sparse_decode(model, batch.b_E[:0], batch.i_E[:0], batch.v_E[:0], 3)
+    no_index = torch.zeros(0, dtype=torch.long)
+    none = SparseCodes(no_index, no_index, acts.new_zeros(0), 3, model.dict_size)
+    empty = sparse_decode(none, model.W_dec, model.b_dec).view(3, 2, 16)
     torch.testing.assert_close(empty, model.b_dec.expand(3, 2, 16))
 
 

@@ -90,12 +90,13 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _single(job: dict, n_tokens: int = 4096) -> dict[str, torch.Tensor]:
+def _single(job: dict, n_tokens: int = 4096, run_dir: Path | None = None
+            ) -> dict[str, torch.Tensor]:
     """The job trained by this (one) process: its final weights."""
     acts, _ = planted_acts(n=n_tokens)
     with _one_thread():
         model = train(CrosscoderConfig.from_dict(job["crosscoder"]), acts,
-                      TrainConfig.from_dict(job["train"]))
+                      TrainConfig.from_dict(job["train"]), run_dir)
     return model.state_dict()
 
 
@@ -133,7 +134,7 @@ def two_ranks(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("activation", ["batchtopk", "relu"])
-def test_two_processes_train_the_single_process_weights(two_ranks, activation):
+def test_two_processes_train_the_single_process_weights(two_ranks, activation, tmp_path):
     """BatchTopK over the global batch with AuxK reviving dead latents, and ReLU + L1:
     50 steps on 2 ranks give one process's weights, metrics and run.json records.
 
@@ -142,8 +143,14 @@ def test_two_processes_train_the_single_process_weights(two_ranks, activation):
     wide, barely active ReLU dictionary) can drift further: the ReLU case is kept small."""
     run_dir = two_ranks / activation
     job = json.loads((run_dir / "run.json").read_text())
-    _assert_same_weights(run_dir, _single(job))
+    _assert_same_weights(run_dir, _single(job, run_dir=tmp_path / "single"))
     assert job["distributed"] == {"mode": "data", "world_size": 2}
+    for split in ("train", "eval"):  # FVU about the global batch's / eval set's mean
+        pairs = list(zip(_records(run_dir, split), _records(tmp_path / "single", split)))
+        assert pairs and all(a["step"] == b["step"] for a, b in pairs)
+        for ours, single in pairs:
+            for key in (k for k in single if k.startswith("fvu/")):
+                assert ours[key] == pytest.approx(single[key], rel=1e-4), (split, key)
     steps = [r["step"] for r in _records(run_dir)]
     assert steps == list(range(5, 51, 5))  # rank 0 alone writes the metrics
     assert _records(run_dir, "eval")[-1]["n_tokens"] == 256  # both halves evaluated

@@ -15,6 +15,7 @@ from crosscoders.model.screen import (
     screened_topk_per_token,
 )
 from crosscoders.model.sparse import batch_topk, topk_per_token
+from crosscoders.model.workspace import Workspace
 from crosscoders.train import Trainer
 from crosscoders.train.loss import SparseStep, StepKnobs, dense_loss
 from helpers import planted_acts
@@ -30,6 +31,12 @@ def _problem(B=96, F=512, X=48, seed=0, bias=0.3, spread=True):
     b = torch.randn(F, generator=gen) * bias
     w = torch.rand(F, generator=gen) * 1.5 + 0.1
     return x, W, b, w
+
+
+def _entries(found):
+    """(token, latent, pre-activation, score) of a screened selection's result."""
+    codes, score_E = found
+    return codes.token_E, codes.latent_E, codes.value_E, score_E
 
 
 def _fp32_reference(x, W, b, w, n_keep):
@@ -48,7 +55,8 @@ def test_screened_selection_equals_fp32_selection(seed, k):
     cut = float(ref_score.min())
     # no hint, a good hint, a hint above the cut (must fall back) and a very low one
     for hint in (None, 0.99 * cut, 1.5 * cut, 1e-3 * cut):
-        tok, lat, pre, score = screened_batch_topk(x, W, b, w, n_keep, hint, {})
+        tok, lat, pre, score = _entries(
+            screened_batch_topk(x, W, b, w, n_keep, hint, Workspace()))
         assert torch.equal(tok, ref_tok) and torch.equal(lat, ref_lat), hint
         torch.testing.assert_close(pre, ref_pre, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-5)
@@ -63,7 +71,7 @@ def test_screened_per_token_topk_equals_fp32(seed, k):
     pre = torch.addmm(b, x, W.T)
     tok_ref, lat_ref = topk_per_token(torch.relu(pre) * w, k)
     assert k == 1 or torch.bincount(tok_ref, minlength=len(x)).min() < k
-    tok, lat, pre_E, _ = screened_topk_per_token(x, W, b, w, k, {})
+    tok, lat, pre_E, _ = _entries(screened_topk_per_token(x, W, b, w, k, Workspace()))
     assert torch.equal(tok, tok_ref) and torch.equal(lat, lat_ref)
     torch.testing.assert_close(pre_E, pre[tok_ref, lat_ref], rtol=1e-5, atol=1e-5)
 
@@ -74,16 +82,16 @@ def test_screened_selection_with_few_positive_entries():
     b[7] = 50.0  # one latent on for every token
     ref_tok, ref_lat, _, _ = _fp32_reference(x, W, b, w, 10 * x.shape[0])
     assert 0 < ref_tok.numel() < 10 * x.shape[0]
-    tok, lat, _, _ = screened_batch_topk(x, W, b, w, 10 * x.shape[0], None, {})
+    tok, lat, _, _ = _entries(screened_batch_topk(x, W, b, w, 10 * x.shape[0]))
     assert torch.equal(tok, ref_tok) and torch.equal(lat, ref_lat)
 
 
 def test_screened_selection_reuses_workspace_across_shapes():
-    workspace = {}
+    workspace = Workspace()
     for B, F in [(64, 256), (96, 512), (64, 256)]:
         x, W, b, w = _problem(B=B, F=F)
         ref_tok, ref_lat, _, _ = _fp32_reference(x, W, b, w, 8 * B)
-        tok, lat, _, _ = screened_batch_topk(x, W, b, w, 8 * B, None, workspace)
+        tok, lat, _, _ = _entries(screened_batch_topk(x, W, b, w, 8 * B, None, workspace))
         assert torch.equal(tok, ref_tok) and torch.equal(lat, ref_lat)
 
 
@@ -93,7 +101,7 @@ def test_error_bound_holds(X):
     x, W, b, w = _problem(B=64, F=256, X=X)
     W[:, : X // 4] *= 100.0  # mixed magnitudes within a row stress the rounding
     x[:, : X // 8] *= 30.0
-    est = _bf16_scores(x, W, b, w, {}).float()
+    est = _bf16_scores(x, W, b, w, Workspace()).float()
     exact = ((x.double() @ W.double().T) + b.double()) * w.double()
     c1, u_out = error_constants(X + 1)
     n = torch.sqrt((x.double() ** 2).sum(1) + 1)
@@ -171,8 +179,9 @@ def test_screened_inference_equals_fp32_inference(activation):
         ref = model.encode(x)
         model.screen_inference = True
         got = model.encode(x)
-        tok, lat, val = model.encode_sparse(x)
-    assert len(model._screen_workspace) > 0  # the screened path ran
+        codes = model.encode_sparse(x)
+    tok, lat, val = codes.token_E, codes.latent_E, codes.value_E
+    assert model._screen_workspace.names()  # the screened path ran
     assert torch.equal(ref != 0, got != 0) and 0 < (got != 0).float().mean() < 0.1
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     order = tok * 512 + lat
@@ -191,8 +200,8 @@ def test_screened_inference_equals_fp32_inference(activation):
     # with autograd on, encode stays differentiable (the fp32 path)
     assert model.encode(x).requires_grad
     # copies and pickles do not carry the buffers
-    assert len(copy.deepcopy(model)._screen_workspace) == 0
-    assert len(pickle.loads(pickle.dumps(model))._screen_workspace) == 0
+    assert copy.deepcopy(model)._screen_workspace.names() == []
+    assert pickle.loads(pickle.dumps(model))._screen_workspace.names() == []
 
 
 def test_screened_inference_is_thread_safe():
@@ -300,7 +309,7 @@ def test_slow_bf16_gemm_turns_auto_off(decide):
     model = _inference_model("topk")
     with torch.no_grad():
         model.encode(torch.randn(600, 2, 16))
-    assert len(model._screen_workspace) == 0  # the fp32 GEMM ran
+    assert model._screen_workspace.names() == []  # the fp32 GEMM ran
 
 
 def test_fast_bf16_gemm_turns_auto_on(decide):
@@ -312,7 +321,7 @@ def test_fast_bf16_gemm_turns_auto_on(decide):
     model = _inference_model("topk")
     with torch.no_grad():
         model.encode(torch.randn(600, 2, 16))
-    assert len(model._screen_workspace) > 0  # the screened path ran
+    assert model._screen_workspace.names()  # the screened path ran
 
 
 def test_inaccurate_bf16_gemm_turns_auto_off_however_fast(decide):
@@ -335,7 +344,7 @@ def test_screen_on_and_off_override_the_measurement(decide):
     model.screen_inference = True
     with torch.no_grad():
         model.encode(torch.randn(600, 2, 16))
-    assert len(model._screen_workspace) > 0 and timings == []
+    assert model._screen_workspace.names() and timings == []
 
 
 def test_auto_stays_off_on_cuda_without_measuring(decide):

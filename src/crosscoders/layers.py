@@ -75,7 +75,7 @@ def firing_frequency(model: Any, data: Any, max_tokens: int | None = None,
     try:
         with torch.no_grad():
             for _, x in ordered_batches(source, batch_size, 0, max_tokens):
-                _, latent_E, _ = model.encode_sparse(x.to(model.W_dec.dtype))
+                latent_E = model.encode_sparse(x.to(model.W_dec.dtype)).latent_E
                 n += len(x)
                 count_F += torch.bincount(latent_E.cpu(), minlength=model.dict_size)
     finally:

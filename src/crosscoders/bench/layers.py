@@ -54,16 +54,19 @@ class Point:
 
 def _fvu_and_l0(models: list[Crosscoder], x_NSD: Tensor) -> tuple[float, float]:
     """Total FVU and L0 of one crosscoder over all layers, or of one SAE per layer."""
-    err = var = 0.0
-    l0 = 0.0
-    layers = [x_NSD] if len(models) == 1 else [x_NSD[:, s:s + 1] for s in range(len(models))]
+    from crosscoders.metrics import ReconstructionMetrics
+
+    metrics = ReconstructionMetrics(x_NSD.shape[1], x_NSD.shape[2])
     with torch.no_grad():
-        for model, x in zip(models, layers):
-            f = model.encode(x)
-            err += float((x - model.decode(f)).double().pow(2).sum())
-            var += float((x - x.mean(0)).double().pow(2).sum())
-            l0 += float((f != 0).sum()) / len(x)
-    return err / var, l0
+        if len(models) == 1:
+            f = models[0].encode(x_NSD)
+            metrics.update(x_NSD, models[0].decode(f), f)
+        else:  # L0: the SAEs' active latents on a token, summed
+            codes = [m.encode(x_NSD[:, s:s + 1]) for s, m in enumerate(models)]
+            xhat = torch.cat([m.decode(f) for m, f in zip(models, codes)], dim=1)
+            metrics.update(x_NSD, xhat, n_active=sum(int((f != 0).sum()) for f in codes))
+    result = metrics.result()
+    return result.fvu, result.l0
 
 
 def compare_with_per_layer_saes(

@@ -350,23 +350,15 @@ def _evaluate(
     model: Any, x_NSD: torch.Tensor, batch: int = 4096
 ) -> tuple[list[float], float, np.ndarray]:
     """FVU per source (pooled over tokens), mean L0, and which latents fired."""
-    S = x_NSD.shape[1]
-    err_S = torch.zeros(S, dtype=torch.float64)
-    tot_S = torch.zeros(S, dtype=torch.float64)
-    l0 = 0.0
-    fired_F = torch.zeros(model.W_dec.shape[0], dtype=torch.bool)
-    mean_SD = x_NSD.mean(0)
+    from crosscoders.metrics import ReconstructionMetrics
+
+    metrics = ReconstructionMetrics(x_NSD.shape[1], x_NSD.shape[2], model.W_dec.shape[0])
     for start in range(0, len(x_NSD), batch):
         x = x_NSD[start : start + batch]
         f_BF = model.encode(x)
-        xhat = model.decode(f_BF)
-        err_S += (x - xhat).double().pow(2).sum(dim=(0, 2))
-        tot_S += (x - mean_SD).double().pow(2).sum(dim=(0, 2))
-        active = (f_BF != 0).cpu()
-        l0 += float(active.sum())
-        fired_F |= active.any(0)
-    fvu_S = (err_S / tot_S.clamp_min(1e-30)).tolist()
-    return fvu_S, l0 / len(x_NSD), fired_F.numpy()
+        metrics.update(x, model.decode(f_BF), f_BF)
+    result = metrics.result()
+    return result.fvu_S, result.l0, (metrics.count_F > 0).numpy()
 
 
 @contextlib.contextmanager

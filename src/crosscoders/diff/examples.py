@@ -94,13 +94,10 @@ class ExampleCollector:
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, batch: EncodedBatch) -> None:
-        i_E, v_E, b_E = batch.i_E.cpu(), batch.v_E.cpu(), batch.b_E.cpu()
-        if len(self.latents) == len(self.pos_F):  # every latent: no filtering
-            g, v, row = i_E, v_E.double(), b_E + batch.row0
-        else:
-            pos = self.pos_F[i_E]
-            keep = pos >= 0
-            g, v, row = pos[keep], v_E[keep].double(), b_E[keep] + batch.row0
+        codes = batch.codes.to("cpu")
+        if len(self.latents) < len(self.pos_F):  # a subset: its entries, by position in it
+            codes = codes.on_latents(self.pos_F, len(self.latents))
+        g, v, row = codes.latent_E, codes.value_E.double(), codes.token_E + batch.row0
         if self.top is not None:
             self.top.add(g, v, v, row)
         if self.samples is not None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from crosscoders.configs import Config
 from crosscoders.diff.stats import EncodedBatch, analysis_pass
 from crosscoders.errors import ConfigError
-from crosscoders.model.sparse import SparseCodes, sampled_dot
+from crosscoders.model.sparse import sampled_dot
 
 TARGETS = ("recon", "err")
 
@@ -147,16 +147,12 @@ class LatentScalingAccumulator:
 
     def update(self, batch: EncodedBatch) -> None:
         self.n += len(batch.x_BSD)
-        if self.all_latents:  # no filtering: subset position = latent index
-            b_E, l_E, v_E = batch.b_E, batch.i_E, batch.v_E
-        else:
-            pos_E = self.pos_F[batch.i_E]
-            keep = pos_E >= 0
-            b_E, l_E, v_E = batch.b_E[keep], pos_E[keep], batch.v_E[keep]
-        if l_E.numel() == 0:
+        codes = batch.codes
+        if not self.all_latents:  # entries of the subset, by position (the latents are sorted)
+            codes = codes.on_latents(self.pos_F, len(self.latents))
+        if codes.latent_E.numel() == 0:
             return
-        # entries stay sorted by (token, subset position): the latents are sorted
-        codes = SparseCodes(b_E, l_E, v_E, len(batch.x_BSD), len(self.latents))
+        l_E, v_E = codes.latent_E, codes.value_E
         xhat, x = batch.xhat_BSD, batch.x_BSD
         d_LD = self.d_model_LD.to(xhat.dtype)
         ys = (xhat[:, self.other], xhat[:, self.ref], x[:, self.other] - xhat[:, self.other],

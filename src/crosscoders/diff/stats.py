@@ -7,9 +7,9 @@ every consumer (:class:`ActivationStats` here, Latent Scaling, max-activating ex
 all of them share one read of the data and one encoder GEMM. Consumers keep state whose size depends
 on the number of latents, never on the number of tokens.
 
-The latent code of a batch is kept sparse (``b_E, i_E, v_E``: row, latent and value of the
-E non-zero entries), so the bookkeeping costs O(E) instead of O(B * F), and the
-reconstruction is decoded from the active set only (``embedding_bag``, cost E * S * D).
+The latent code of a batch is kept sparse (:class:`~crosscoders.model.sparse.SparseCodes`:
+row, latent and value of the E non-zero entries), so the bookkeeping costs O(E) instead of
+O(B * F), and the reconstruction is decoded from the active set only (cost E * S * D).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from crosscoders.data import ActivationSource, Head, as_source, ordered_batches, ordered_stop
 from crosscoders.errors import DataError
+from crosscoders.metrics import ReconstructionMetrics
+from crosscoders.model.sparse import SparseCodes, sparse_decode
 from crosscoders.store import ActivationStore
 
 # --------------------------------------------------------------------------------------------
@@ -61,9 +62,7 @@ class EncodedBatch:
 
     row0: int
     x_BSD: Tensor
-    b_E: Tensor
-    i_E: Tensor
-    v_E: Tensor
+    codes: SparseCodes
     tokens_B: np.ndarray | None
     model: Any
     _xhat: Tensor | None = field(default=None, repr=False)
@@ -72,37 +71,19 @@ class EncodedBatch:
     def encode(
         cls, model: Any, x_BSD: Tensor, row0: int = 0, tokens_B: np.ndarray | None = None
     ) -> EncodedBatch:
-        b_E, i_E, v_E = model.encode_sparse(x_BSD)
-        return cls(row0, x_BSD, b_E, i_E, v_E, tokens_B, model)
+        return cls(row0, x_BSD, model.encode_sparse(x_BSD), tokens_B, model)
 
     @property
     def f_BF(self) -> Tensor:
         """The dense [B, F] code (built on demand; the pass itself never needs it)."""
-        f_BF = self.v_E.new_zeros(len(self.x_BSD), self.model.dict_size)
-        f_BF[self.b_E, self.i_E] = self.v_E
-        return f_BF
+        return self.codes.to_dense()
 
     @property
     def xhat_BSD(self) -> Tensor:
         if self._xhat is None:
-            self._xhat = sparse_decode(self.model, self.b_E, self.i_E, self.v_E, len(self.x_BSD))
+            xhat_BX = sparse_decode(self.codes, self.model.W_dec, self.model.b_dec)
+            self._xhat = xhat_BX.view(self.x_BSD.shape)
         return self._xhat
-
-
-def sparse_decode(model: Any, b_E: Tensor, i_E: Tensor, v_E: Tensor, n_rows: int) -> Tensor:
-    """``decode`` from the active entries only (rows ``b_E`` sorted): [n_rows, S, D]."""
-    F_, S, D = model.W_dec.shape
-    counts = torch.bincount(b_E, minlength=n_rows)
-    offsets = torch.zeros(n_rows, dtype=torch.long, device=b_E.device)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    out = F.embedding_bag(
-        i_E,
-        model.W_dec.reshape(F_, S * D),
-        offsets,
-        mode="sum",
-        per_sample_weights=v_E.to(model.W_dec.dtype),
-    )
-    return out.reshape(n_rows, S, D) + model.b_dec
 
 
 class Consumer(Protocol):
@@ -178,7 +159,7 @@ def check_model_data(model: Any, source: ActivationSource) -> None:
 
 class ActivationStats:
     """Per-latent firing counts, activation sums and maxima, special-token share; FVU per
-    source (pooled over tokens), L0 and dead fraction.
+    source (pooled over tokens), L0 and dead fraction (:mod:`crosscoders.metrics`).
 
     ``special_ids``: token ids counted as special/template tokens (needs token ids).
     """
@@ -186,37 +167,37 @@ class ActivationStats:
     def __init__(
         self, n_latents: int, n_sources: int, d_model: int, special_ids: Iterable[int] | None = None
     ) -> None:
-        self.n = 0
-        self.count_F = torch.zeros(n_latents, dtype=torch.int64)
+        self.metrics = ReconstructionMetrics(n_sources, d_model, n_latents)
         self.sum_F = torch.zeros(n_latents, dtype=torch.float64)
         self.max_F = torch.zeros(n_latents, dtype=torch.float64)
         self.special_count_F = torch.zeros(n_latents, dtype=torch.int64)
         self.n_special = 0
-        self.err_S = torch.zeros(n_sources, dtype=torch.float64)
-        self.sum_SD = torch.zeros(n_sources, d_model, dtype=torch.float64)
-        self.sumsq_S = torch.zeros(n_sources, dtype=torch.float64)
         self.special = None if special_ids is None else np.array(sorted(set(special_ids)))
         self.has_tokens = True
 
+    @property
+    def n(self) -> int:
+        return self.metrics.n_tokens
+
+    @property
+    def count_F(self) -> Tensor:
+        """[F] tokens on which each latent fired."""
+        return self.metrics.count_F
+
     def update(self, batch: EncodedBatch) -> None:
+        codes = batch.codes
         F_ = self.count_F.numel()
-        i_E, v_E = batch.i_E.cpu(), batch.v_E.cpu().double()
-        self.n += len(batch.x_BSD)
-        self.count_F += torch.bincount(i_E, minlength=F_)
+        i_E, v_E = codes.latent_E.cpu(), codes.value_E.cpu().double()
+        self.metrics.update(batch.x_BSD, batch.xhat_BSD, codes)
         self.sum_F.index_add_(0, i_E, v_E)
         self.max_F.scatter_reduce_(0, i_E, v_E, reduce="amax")
-        # per-batch sums in the data's dtype, accumulated across batches in float64
-        x = batch.x_BSD
-        self.err_S += (x - batch.xhat_BSD).pow(2).sum((0, 2)).double().cpu()
-        self.sum_SD += x.sum(0).double().cpu()
-        self.sumsq_S += (x * x).sum((0, 2)).double().cpu()
         if self.special is not None:
             if batch.tokens_B is None:
                 self.has_tokens = False
                 return
             is_special_B = torch.from_numpy(np.isin(batch.tokens_B, self.special))
             self.n_special += int(is_special_B.sum())
-            hit_E = is_special_B[batch.b_E.cpu()]
+            hit_E = is_special_B[codes.token_E.cpu()]
             self.special_count_F += torch.bincount(i_E[hit_E], minlength=F_)
 
     def per_latent(self) -> dict[str, np.ndarray]:
@@ -241,13 +222,12 @@ class ActivationStats:
 
     def summary(self) -> dict[str, Any]:
         """FVU per source (pooled), L0, dead fraction, token counts."""
-        total_S = self.sumsq_S - self.sum_SD.pow(2).sum(-1) / max(self.n, 1)
-        fvu = (self.err_S / total_S.clamp_min(1e-30)).tolist()
+        result = self.metrics.result()
         return {
-            "n_tokens": self.n,
-            "fvu": fvu,
-            "l0": float(self.count_F.sum()) / max(self.n, 1),
-            "dead_fraction": float((self.count_F == 0).double().mean()),
+            "n_tokens": result.n_tokens,
+            "fvu": result.fvu_S,
+            "l0": result.l0,
+            "dead_fraction": result.dead_fraction,
             "n_special_tokens": self.n_special if self.special is not None else None,
         }
 

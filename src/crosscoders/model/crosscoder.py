@@ -24,11 +24,12 @@ from crosscoders.model.activations import BatchTopK, TopK, make_activation
 from crosscoders.model.config import CrosscoderConfig
 from crosscoders.model.screen import (
     SCREEN_BLOCK,
-    Scratch,
     bf16_screen_available,
     screened_above_threshold,
     screened_topk_per_token,
 )
+from crosscoders.model.sparse import SparseCodes
+from crosscoders.model.workspace import Workspace
 
 FORMAT_VERSION = 1
 
@@ -83,7 +84,7 @@ class Crosscoder(nn.Module):
         #: bf16-screened exact TopK/BatchTopK inference (docs/training.md): None = where
         #: it pays (measured once per process), False = always the fp32 GEMM
         self.screen_inference: bool | None = None
-        self._screen_workspace = Scratch()
+        self._screen_workspace = Workspace()
 
     @property
     def home_source_F(self) -> Tensor:
@@ -177,31 +178,23 @@ class Crosscoder(nn.Module):
         """[..., S, D] activations -> [..., F] latent activations."""
         lead = x_BSD.shape[:-2]
         x_BSD = x_BSD.reshape(-1, *x_BSD.shape[-2:])
-        found = self._screened_codes(x_BSD)
-        if found is not None:
-            token_E, latent_E, value_E = found
-            f_BF = value_E.new_zeros(len(x_BSD), self.dict_size)
-            f_BF[token_E, latent_E] = value_E
-        else:
-            f_BF = self._dense_codes(x_BSD)
+        codes = self._screened_codes(x_BSD)
+        f_BF = codes.to_dense() if codes is not None else self._dense_codes(x_BSD)
         return f_BF.reshape(*lead, self.dict_size)
 
     def _dense_codes(self, x_BSD: Tensor) -> Tensor:
         """[B, F] codes through the fp32 GEMM (differentiable)."""
         return self.activation(self.preactivations(x_BSD), self.decoder_norm_weights())
 
-    def encode_sparse(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The non-zero entries of ``encode(x)`` for x [B, S, D]: (token_E, latent_E,
-        value_E), sorted by (token, latent). Never forms the dense [B, F] code when the
-        screened selection applies."""
-        found = self._screened_codes(x_BSD)
-        if found is not None:
-            return found
-        f_BF = self._dense_codes(x_BSD)
-        token_E, latent_E = f_BF.nonzero(as_tuple=True)
-        return token_E, latent_E, f_BF[token_E, latent_E]
+    def encode_sparse(self, x_BSD: Tensor) -> SparseCodes:
+        """The non-zero entries of ``encode(x)`` for x [B, S, D], sorted by (token,
+        latent). Never forms the dense [B, F] code when the screened selection applies."""
+        codes = self._screened_codes(x_BSD)
+        if codes is not None:
+            return codes
+        return SparseCodes.from_dense(self._dense_codes(x_BSD))
 
-    def _screened_codes(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _screened_codes(self, x_BSD: Tensor) -> SparseCodes | None:
         """Inference by the bf16-screened exact selection (model/screen.py), or None.
 
         Applies without autograd, in eval mode, in fp32, to TopK and to BatchTopK with a
@@ -232,8 +225,7 @@ class Crosscoder(nn.Module):
                 found = screened_topk_per_token(*args, act.k, workspace, key)
             else:
                 found = screened_above_threshold(*args, float(act.threshold), workspace, key)
-        token_E, latent_E, pre_E, _ = found
-        return token_E, latent_E, pre_E
+        return found[0]  # the kept entries' values are their pre-activations
 
     def decode(self, f_BF: Tensor) -> Tensor:
         """[..., F] latent activations -> [..., S, D] reconstruction."""

@@ -40,24 +40,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from crosscoders.model.sparse import SparseCodes, _workspace_buffer, sampled_dot
+from crosscoders.model.sparse import SparseCodes, sampled_dot
+from crosscoders.model.workspace import NO_REUSE, Workspace
 
 SCREEN_BLOCK = 64  # latents per block (int16 block maxima vectorise well at 64)
 _U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (round to nearest)
 _U_FP32 = 2.0 ** -24
 _CHUNK = 1024  # encoder rows scaled and converted per chunk (stays in cache)
-
-
-class Scratch(dict):
-    """Reusable buffers that copies and pickles of their owner start without, with a lock
-    so that threads sharing a model take turns with them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()
-
-    def __reduce__(self):
-        return (Scratch, ())
 
 
 #: ``auto`` screens where the bf16 GEMM takes at most this fraction of the fp32 GEMM's time.
@@ -187,7 +176,7 @@ def bf16_gemm_meets_bound() -> bool:
         v = torch.full((1024,), math.sqrt(0.45 * 16 / chunk))  # 4096 has bf16 spacing 32
         v[0] = 64.0
         x_BX[row], W_FX[row], b_F[row], w_F[row] = v, v, 0.0, 1.0
-    est = _bf16_scores(x_BX, W_FX, b_F, w_F, None).double()
+    est = _bf16_scores(x_BX, W_FX, b_F, w_F, NO_REUSE).double()
     exact = (x_BX.double() @ W_FX.double().T + b_F.double()) * w_F.double()
     c1, u_out = error_constants(1025)
     n_B, m_F = bound_norms(x_BX.double(), W_FX.double(), b_F.double(), w_F.double())
@@ -225,7 +214,7 @@ class _Screen:
     """The bf16 estimate of one batch's scores with its error bounds, block by block."""
 
     def __init__(self, x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor,
-                 workspace: dict | None, weights_key: tuple | None = None):
+                 workspace: Workspace, weights_key: tuple | None = None):
         self.x_BX, self.W_FX, self.b_F, self.w_F = x_BX, W_FX, b_F, w_F
         self.workspace = workspace
         B, X = x_BX.shape
@@ -235,8 +224,8 @@ class _Screen:
         self.blocks_TK = scores_i16.view(-1, SCREEN_BLOCK)
         c1, self.u_out = error_constants(X + 1)
         n_B = bound_norms(x_BX)[0]
-        m_F = _cached(workspace, "screen_m", weights_key,
-                      lambda: bound_norms(None, W_FX, b_F, w_F)[1])
+        m_F = workspace.cached("screen_m", weights_key,
+                               lambda: bound_norms(None, W_FX, b_F, w_F)[1])
         # |s~ - s| <= slack + u' |s~| for every entry of a block (largest m_i of the block)
         self.slack_BG = (c1 * n_B)[:, None] * m_F.view(self.G, SCREEN_BLOCK).amax(1)[None, :]
         # positive bf16 values order like their int16 bit patterns; negatives sort below
@@ -248,10 +237,9 @@ class _Screen:
         """[B, G] lower bound of the true score of each block's largest estimate."""
         return self.block_max_BG * (1 - self.u_out) - self.slack_BG
 
-    def candidates(self, cut: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def candidates(self, cut: float | Tensor) -> tuple[SparseCodes, Tensor]:
         """Every entry whose score may reach ``cut`` (a number, or [B, 1] per token), with
-        its exact fp32 pre-activation and score: (token_E, latent_E, pre_E, score_E),
-        sorted by (token, latent)."""
+        its exact fp32 pre-activation as value, and its score."""
         x_BX, W_FX, b_F, w_F = self.x_BX, self.W_FX, self.b_F, self.w_F
         B, F_, G = x_BX.shape[0], W_FX.shape[0], self.G
         # an entry can reach the cut only if s~ >= (cut - slack) / (1 + u'): one int16
@@ -261,36 +249,36 @@ class _Screen:
         thr_i16_T = (thr_T * (1 - 2 * _U_BF16)).to(torch.bfloat16).view(torch.int16)
         thr_i16_T = torch.where(thr_T > 0, thr_i16_T, torch.iinfo(torch.int16).min)
         block_ids = torch.nonzero(self.block_max_T >= thr_i16_T).squeeze(1)
-        n = block_ids.numel()
+        shape = (block_ids.numel(), SCREEN_BLOCK)
         # reused buffers: fresh 10s-of-MB tensors cost more in page faults than the work
-        cand_GK = _scratch(self.workspace, "screen_cand", n, self.blocks_TK)
+        cand_GK = self.workspace.get("screen_cand", shape, self.blocks_TK.dtype, x_BX.device)
         torch.index_select(self.blocks_TK, 0, block_ids, out=cand_GK)
-        above_GK = _scratch(self.workspace, "screen_above", n, self.blocks_TK, torch.bool)
+        above_GK = self.workspace.get("screen_above", shape, torch.bool, x_BX.device)
         torch.ge(cand_GK, thr_i16_T[block_ids, None], out=above_GK)
         flat_E = _flat_nonzero(above_GK)
         ids_E = block_ids[flat_E // SCREEN_BLOCK]
         token_E = ids_E // G
         latent_E = (ids_E % G) * SCREEN_BLOCK + flat_E % SCREEN_BLOCK
-        codes = SparseCodes(token_E, latent_E, token_E.new_empty(0), B, F_)
+        codes = SparseCodes(token_E, latent_E, x_BX.new_empty(0), B, F_)
         pre_E = sampled_dot(x_BX, W_FX, codes) + b_F[latent_E]
-        return token_E, latent_E, pre_E, torch.relu(pre_E) * w_F[latent_E]
+        return codes.with_values(pre_E), torch.relu(pre_E) * w_F[latent_E]
 
 
 def screened_batch_topk(
     x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor, n_keep: int,
-    hint: float | None = None, workspace: dict | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    hint: float | None = None, workspace: Workspace = NO_REUSE,
+) -> tuple[SparseCodes, Tensor]:
     """The ``n_keep`` largest positive ``w_i * relu(x_b . W_i + b_i)``, found exactly.
 
-    Returns (token_idx_E, latent_idx_E, pre_E, score_E) sorted by (token, latent), with
-    the fp32 pre-activations and weighted scores of the kept entries. ``hint`` (the last
-    step's cut) only changes the speed. ``workspace`` holds reusable buffers.
+    Returns the kept entries with their fp32 pre-activations as values, and their
+    weighted scores [E]. ``hint`` (the last step's cut) only changes the speed.
+    ``workspace`` holds reusable buffers.
     """
     screen = _Screen(x_BX, W_FX, b_F, w_F, workspace)
     tiny = torch.finfo(x_BX.dtype).tiny
 
-    def select(cut: float, verify: bool) -> tuple[Tensor, ...] | None:
-        token_E, latent_E, pre_E, score_E = screen.candidates(cut)
+    def select(cut: float, verify: bool) -> tuple[SparseCodes, Tensor] | None:
+        codes, score_E = screen.candidates(cut)
         if verify and int((score_E >= cut).sum()) < n_keep:
             return None  # the hint was above the n_keep-th score
         positive = score_E > 0
@@ -298,7 +286,7 @@ def screened_batch_topk(
             keep = torch.topk(score_E, n_keep, sorted=False).indices.sort().values
         else:
             keep = torch.nonzero(positive).squeeze(1)
-        return token_E[keep], latent_E[keep], pre_E[keep], score_E[keep]
+        return codes.take(keep), score_E[keep]
 
     if hint is not None and hint > tiny:
         for cut in (hint, 0.95 * hint):  # a second, lower try is cheaper than the bounds
@@ -315,48 +303,51 @@ def screened_batch_topk(
 
 def screened_topk_per_token(
     x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor, k: int,
-    workspace: dict | None = None, weights_key: tuple | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    workspace: Workspace = NO_REUSE, weights_key: tuple | None = None,
+) -> tuple[SparseCodes, Tensor]:
     """The k largest positive scores of every token, found exactly (as above)."""
     screen = _Screen(x_BX, W_FX, b_F, w_F, workspace, weights_key)
-    B = x_BX.shape[0]
+    B, F_ = x_BX.shape[0], W_FX.shape[0]
     tiny = torch.finfo(x_BX.dtype).tiny
     lower_BG = screen.lower_bounds()
     if k > lower_BG.shape[1]:  # more than one entry per block: no cheap cut
-        found = screen.candidates(lower_BG.new_full((B, 1), tiny))
-        keep = _topk_within_tokens(found[0], found[3], k, B)
-        return tuple(t[keep] for t in found)
+        codes, score_E = screen.candidates(lower_BG.new_full((B, 1), tiny))
+        keep = _topk_within_tokens(codes.token_E, score_E, k, B)
+        return codes.take(keep), score_E[keep]
     # first try each token's k-th largest block estimate (usually below its k-th score);
     # tokens where fewer than k candidates reach it are redone with the proven cut
     guess_B = torch.topk(screen.block_max_BG, k, dim=1, sorted=False).values.amin(1)
     guess_B = guess_B.mul_(1 - screen.u_out).clamp_min_(tiny)
-    token_E, latent_E, pre_E, score_E = screen.candidates(guess_B[:, None])
+    codes, score_E = screen.candidates(guess_B[:, None])
+    token_E = codes.token_E
     reached_B = torch.bincount(token_E[score_E >= guess_B[token_E]], minlength=B)
     redo_B = reached_B < k
     if bool(redo_B.any()):
         proven_B = torch.topk(lower_BG, k, dim=1, sorted=False).values.amin(1).clamp_min(tiny)
         cut_B = torch.where(redo_B, proven_B, torch.inf)
-        again = screen.candidates(cut_B[:, None])
+        again, again_score_E = screen.candidates(cut_B[:, None])
         kept = ~redo_B[token_E]
-        merged = [torch.cat([a[kept], b]) for a, b in zip(
-            (token_E, latent_E, pre_E, score_E), again)]
-        order = torch.argsort(merged[0] * W_FX.shape[0] + merged[1])
-        token_E, latent_E, pre_E, score_E = (t[order] for t in merged)
-    keep = _topk_within_tokens(token_E, score_E, k, B)
-    return token_E[keep], latent_E[keep], pre_E[keep], score_E[keep]
+        token_E, latent_E, pre_E, score_E = (torch.cat([a[kept], b]) for a, b in zip(
+            (token_E, codes.latent_E, codes.value_E, score_E),
+            (again.token_E, again.latent_E, again.value_E, again_score_E)))
+        order = torch.argsort(token_E * F_ + latent_E)
+        codes = SparseCodes(token_E[order], latent_E[order], pre_E[order], B, F_)
+        score_E = score_E[order]
+    keep = _topk_within_tokens(codes.token_E, score_E, k, B)
+    return codes.take(keep), score_E[keep]
 
 
 def screened_above_threshold(
     x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor, threshold: float,
-    workspace: dict | None = None, weights_key: tuple | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    workspace: Workspace = NO_REUSE, weights_key: tuple | None = None,
+) -> tuple[SparseCodes, Tensor]:
     """Every entry with score ``> threshold`` (BatchTopK inference), found exactly."""
     if threshold <= 0:
         raise ValueError("a threshold of 0 or less keeps every positive entry: use the GEMM")
     screen = _Screen(x_BX, W_FX, b_F, w_F, workspace, weights_key)
-    token_E, latent_E, pre_E, score_E = screen.candidates(threshold)
+    codes, score_E = screen.candidates(threshold)
     keep = score_E > threshold
-    return token_E[keep], latent_E[keep], pre_E[keep], score_E[keep]
+    return codes.take(keep), score_E[keep]
 
 
 def _topk_within_tokens(token_E: Tensor, score_E: Tensor, k: int, n_tokens: int) -> Tensor:
@@ -387,33 +378,8 @@ def _flat_nonzero(mask: Tensor) -> Tensor:
     return words[word] * 8 + offset
 
 
-def _scratch(workspace: dict | None, name: str, n: int, like_TK: Tensor,
-             dtype: torch.dtype | None = None) -> Tensor:
-    """An [n, K] view of a reusable buffer that grows as needed."""
-    dtype = dtype or like_TK.dtype
-    shape = (n, like_TK.shape[1])
-    if workspace is None:
-        return like_TK.new_empty(shape, dtype=dtype)
-    buf = workspace.get(name)
-    if buf is None or buf.shape[0] < n or buf.dtype != dtype or buf.device != like_TK.device:
-        buf = workspace[name] = like_TK.new_empty((int(n * 1.25) + 1, shape[1]), dtype=dtype)
-    return buf[:n]
-
-
-def _cached(workspace: dict | None, name: str, key: tuple | None, compute) -> Tensor:
-    """``compute()``, reused while ``key`` (e.g. the weights' versions) is unchanged."""
-    if workspace is None or key is None:
-        return compute()
-    hit = workspace.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = compute()
-    workspace[name] = (key, value)
-    return value
-
-
 def _bf16_scores(x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor,
-                 workspace: dict | None, weights_key: tuple | None = None) -> Tensor:
+                 workspace: Workspace, weights_key: tuple | None = None) -> Tensor:
     """[B, F] bf16 estimate of ``w * (x @ W.T + b)`` from one bf16 GEMM.
 
     The bias rides along as an extra input column of ones; the inner dimension is padded
@@ -423,25 +389,26 @@ def _bf16_scores(x_BX: Tensor, W_FX: Tensor, b_F: Tensor, w_F: Tensor,
     B, X = x_BX.shape
     F_ = W_FX.shape[0]
     X_pad = _padded_inner(X)
-    bf16 = x_BX.new_empty(0, dtype=torch.bfloat16)
-    x_aug = _workspace_buffer(workspace, "screen_x", (B, X_pad), bf16)
-    W_aug = _workspace_buffer(workspace, "screen_W", (F_, X_pad), x_aug)
+    device = x_BX.device
+    x_aug = workspace.get("screen_x", (B, X_pad), torch.bfloat16, device)
+    W_aug = workspace.get("screen_W", (F_, X_pad), torch.bfloat16, device)
     x_aug[:, X:].zero_()
     x_aug[:, X] = 1.0
     x_aug[:, :X].copy_(x_BX)
-    stamp = None if weights_key is None else (weights_key, W_aug.data_ptr())
-    if stamp is None or workspace is None or workspace.get("screen_W_key") != stamp:
+
+    def fill_weights() -> None:
         W_aug[:, X + 1:].zero_()
         W_aug[:, X].copy_(b_F * w_F)
-        tmp = _workspace_buffer(workspace, "screen_tmp", (_CHUNK, X), x_BX)
+        tmp = workspace.get("screen_tmp", (_CHUNK, X), x_BX.dtype, device)
         for start in range(0, F_, _CHUNK):
             stop = min(start + _CHUNK, F_)
             chunk = tmp[: stop - start]
             torch.mul(W_FX[start:stop], w_F[start:stop, None], out=chunk)
             W_aug[start:stop, :X].copy_(chunk)
-        if workspace is not None:
-            workspace["screen_W_key"] = stamp
-    scores = _workspace_buffer(workspace, "screen_scores", (B, F_), x_aug)
+
+    stamp = None if weights_key is None else (weights_key, W_aug.data_ptr())
+    workspace.cached("screen_W_filled", stamp, fill_weights)
+    scores = workspace.get("screen_scores", (B, F_), torch.bfloat16, device)
     if x_BX.device.type != "cuda":
         return torch.mm(x_aug, W_aug.T, out=scores)
     # the error bound needs fp32 accumulation: no reduced-precision split-K reductions

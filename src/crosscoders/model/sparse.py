@@ -19,61 +19,104 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from crosscoders.model.workspace import NO_REUSE, Workspace
 
 BLOCK = 32  # latents per block for the block-maximum pre-selection
 
 
 @dataclass
 class SparseCodes:
-    """Active latent activations of a batch, sorted by (token, latent).
+    """The active entries of a [n_tokens, n_latents] code: entry e is latent
+    ``latent_E[e]`` of row ``token_E[e]`` with value ``value_E[e]``, sorted by (token,
+    latent). The one type for sparse codes: training, inference (``encode_sparse``) and
+    the diff analysis all pass these.
 
-    ``values_E`` may carry autograd history; the index tensors never do.
+    ``value_E`` may carry autograd history; the index tensors never do. What is derived
+    from the indices (CSR pointers, the by-latent order) is computed on first use and
+    shared with the codes :meth:`with_values` makes.
     """
 
-    token_idx_E: Tensor
-    latent_idx_E: Tensor
-    values_E: Tensor
+    token_E: Tensor
+    latent_E: Tensor
+    value_E: Tensor
     n_tokens: int
     n_latents: int
-    #: reusable [F, X] gradient buffers (see :func:`grouped_by_latent`); None: fresh tensors
-    workspace: dict | None = field(default=None, repr=False)
+    #: where the weight gradients go (see :func:`grouped_by_latent`); NO_REUSE: fresh tensors
+    workspace: Workspace = field(default=NO_REUSE, repr=False)
+    _derived: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
-    def with_values(self, values_E: Tensor) -> SparseCodes:
-        return SparseCodes(
-            self.token_idx_E, self.latent_idx_E, values_E, self.n_tokens, self.n_latents,
-            self.workspace,
-        )
+    def with_values(self, value_E: Tensor) -> SparseCodes:
+        """The same entries with other values."""
+        return SparseCodes(self.token_E, self.latent_E, value_E, self.n_tokens,
+                           self.n_latents, self.workspace, self._derived)
+
+    def take(self, keep_E: Tensor) -> SparseCodes:
+        """The entries at ``keep_E`` (a bool mask, or ascending indices)."""
+        return SparseCodes(self.token_E[keep_E], self.latent_E[keep_E], self.value_E[keep_E],
+                           self.n_tokens, self.n_latents, self.workspace)
+
+    def on_latents(self, pos_F: Tensor, n_latents: int) -> SparseCodes:
+        """The entries of a subset of ``n_latents`` latents, renumbered: ``pos_F[i]`` is
+        latent i's position in the subset (-1: not in it). Positions must follow latent
+        order, so the entries stay sorted by (token, position)."""
+        pos_E = pos_F[self.latent_E]
+        keep = pos_E >= 0
+        return SparseCodes(self.token_E[keep], pos_E[keep], self.value_E[keep],
+                           self.n_tokens, n_latents)
+
+    def to(self, device: torch.device | str) -> SparseCodes:
+        """The codes on ``device`` (the same object if they are there already)."""
+        if self.token_E.device == torch.device(device):
+            return self
+        return SparseCodes(self.token_E.to(device), self.latent_E.to(device),
+                           self.value_E.to(device), self.n_tokens, self.n_latents)
+
+    @classmethod
+    def from_dense(cls, f_BF: Tensor) -> SparseCodes:
+        """The non-zero entries of a dense [B, F] code."""
+        token_E, latent_E = f_BF.nonzero(as_tuple=True)
+        return cls(token_E, latent_E, f_BF[token_E, latent_E], *f_BF.shape)
 
     def to_dense(self) -> Tensor:
-        """[B, F] dense activations (differentiable in ``values_E``)."""
-        f_BF = self.values_E.new_zeros(self.n_tokens * self.n_latents)
-        flat = self.token_idx_E * self.n_latents + self.latent_idx_E
-        return f_BF.index_put((flat,), self.values_E).view(self.n_tokens, self.n_latents)
+        """[B, F] dense activations (differentiable in ``value_E``)."""
+        f_BF = self.value_E.new_zeros(self.n_tokens * self.n_latents)
+        flat = self.token_E * self.n_latents + self.latent_E
+        return f_BF.index_put_((flat,), self.value_E).view(self.n_tokens, self.n_latents)
 
-    @cached_property
+    def _cached(self, name: str, compute) -> Tensor:
+        hit = self._derived.get(name)
+        if hit is None:
+            hit = self._derived[name] = compute()
+        return hit
+
+    @property
     def token_offsets_B(self) -> Tensor:
         """Start of each token's entries (bags for ``embedding_bag``)."""
         return self.token_crow[:-1]
 
-    @cached_property
+    @property
     def token_crow(self) -> Tensor:
         """CSR row pointer [B + 1] over tokens."""
-        counts = torch.bincount(self.token_idx_E, minlength=self.n_tokens)
-        return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        return self._cached("token_crow", lambda: _crow(self.token_E, self.n_tokens))
 
-    @cached_property
+    @property
     def latent_order_E(self) -> Tensor:
         """Permutation that groups entries by latent."""
-        return torch.argsort(self.latent_idx_E, stable=True)
+        return self._cached("latent_order_E", lambda: torch.argsort(self.latent_E, stable=True))
 
-    @cached_property
+    @property
     def tokens_by_latent_E(self) -> Tensor:
-        return self.token_idx_E[self.latent_order_E]
+        return self._cached("tokens_by_latent_E", lambda: self.token_E[self.latent_order_E])
+
+    @property
+    def latent_crow(self) -> Tensor:
+        """CSR row pointer [F + 1] over latents (entries in ``latent_order_E``)."""
+        return self._cached("latent_crow", lambda: _crow(self.latent_E, self.n_latents))
 
     def sum_by_latent(self, values_E: Tensor) -> Tensor:
         """[F] sum of ``values_E`` over each latent's entries, in a fixed order.
@@ -83,17 +126,17 @@ class SparseCodes:
         gives the same bits every run (and the same sums to ~1e-16 relative).
         """
         if values_E.device.type == "cpu":  # index_add_ is sequential, hence exact-order
-            return values_E.new_zeros(self.n_latents).index_add_(0, self.latent_idx_E, values_E)
+            return values_E.new_zeros(self.n_latents).index_add_(0, self.latent_E, values_E)
         csum = torch.cumsum(values_E[self.latent_order_E].double(), 0)
         csum = torch.cat([csum.new_zeros(1), csum])
         crow = self.latent_crow
         return (csum[crow[1:]] - csum[crow[:-1]]).to(values_E.dtype)
 
-    @cached_property
-    def latent_crow(self) -> Tensor:
-        """CSR row pointer [F + 1] over latents (entries in ``latent_order_E``)."""
-        counts = torch.bincount(self.latent_idx_E, minlength=self.n_latents)
-        return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+def _crow(index_E: Tensor, n: int) -> Tensor:
+    """CSR row pointer [n + 1] of entries grouped by ``index_E``."""
+    counts = torch.bincount(index_E, minlength=n)
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
 def grouped_by_latent(codes: SparseCodes, weights_E: Tensor, dense_BX: Tensor,
@@ -101,10 +144,10 @@ def grouped_by_latent(codes: SparseCodes, weights_E: Tensor, dense_BX: Tensor,
     """[F, X] with row i = sum over entries e of latent i of ``weights_e * dense[token_e]``.
 
     This is the weight gradient of both the encoder and the decoder. It runs as a CSR
-    [F, B] x dense [B, X] product written into a buffer from ``codes.workspace`` when one
-    is given: allocating 10s of MB afresh each step costs more than the product (page
-    faults), so the trainer reuses them. A returned buffer is overwritten by the next
-    step, so callers must drop it first (``zero_grad(set_to_none=True)`` does).
+    [F, B] x dense [B, X] product written into a buffer of ``codes.workspace``: allocating
+    10s of MB afresh each step costs more than the product (page faults), so the trainer
+    reuses them. A returned buffer is overwritten by the next step, so callers must drop
+    it first (``zero_grad(set_to_none=True)`` does).
     """
     F_, X = codes.n_latents, dense_BX.shape[1]
     order = codes.latent_order_E
@@ -114,18 +157,8 @@ def grouped_by_latent(codes: SparseCodes, weights_E: Tensor, dense_BX: Tensor,
             codes.latent_crow, codes.tokens_by_latent_E, weights_E[order],
             size=(F_, codes.n_tokens), check_invariants=False,
         )
-        out = _workspace_buffer(codes.workspace, name, (F_, X), dense_BX)
+        out = codes.workspace.get(name, (F_, X), dense_BX.dtype, dense_BX.device)
         return torch.addmm(out, csr_FB, dense_BX, beta=0.0, out=out)
-
-
-def _workspace_buffer(workspace: dict | None, name: str, shape: tuple[int, ...],
-                      like: Tensor) -> Tensor:
-    if workspace is None:
-        return like.new_empty(shape)
-    buf = workspace.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = workspace[name] = like.new_empty(shape)
-    return buf
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,11 +289,11 @@ def decode_rows(codes: SparseCodes, values_E: Tensor, W_FX: Tensor,
     """
     method = method or ("embedding_bag" if W_FX.device.type == "cpu" else "csr")
     if method == "embedding_bag":
-        return F.embedding_bag(codes.latent_idx_E, W_FX, codes.token_offsets_B, mode="sum",
-                               per_sample_weights=values_E)
+        return F.embedding_bag(codes.latent_E, W_FX, codes.token_offsets_B, mode="sum",
+                               per_sample_weights=values_E.to(W_FX.dtype))
     with warnings.catch_warnings(), torch.autocast(W_FX.device.type, enabled=False):
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        csr_BF = torch.sparse_csr_tensor(codes.token_crow, codes.latent_idx_E,
+        csr_BF = torch.sparse_csr_tensor(codes.token_crow, codes.latent_E,
                                          values_E.to(W_FX.dtype),
                                          size=(codes.n_tokens, len(W_FX)),
                                          check_invariants=False)
@@ -300,7 +333,7 @@ class _SquaredError(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BX, xhat_BX, workspace, n_tokens):  # noqa: D102
-        diff_BX = _workspace_buffer(workspace, "diff", tuple(x_BX.shape), x_BX)
+        diff_BX = workspace.get("diff", tuple(x_BX.shape), x_BX.dtype, x_BX.device)
         torch.sub(xhat_BX, x_BX, out=diff_BX)
         ctx.diff_BX = diff_BX
         ctx.n_tokens = n_tokens
@@ -317,7 +350,7 @@ class _SquaredError(torch.autograd.Function):
         return grad_x, grad_xhat, None, None
 
 
-def squared_error(x_BX: Tensor, xhat_BX: Tensor, workspace: dict | None = None,
+def squared_error(x_BX: Tensor, xhat_BX: Tensor, workspace: Workspace = NO_REUSE,
                   n_tokens: int | None = None) -> Tensor:
     """``((x - xhat) ** 2).sum(-1).mean()`` with one [B, X] temporary, reused via workspace.
 
@@ -333,13 +366,13 @@ def sampled_dot(a_BX: Tensor, b_FX: Tensor, codes: SparseCodes) -> Tensor:
     Runs latent-major (a CSR [F, B] pattern): each row of ``b`` is read once and the
     smaller ``a`` is gathered, 1.5x faster on CPU than the token-major order.
     """
-    if codes.token_idx_E.numel() == 0:
+    if codes.token_E.numel() == 0:
         return a_BX.new_zeros(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(
             codes.latent_crow, codes.tokens_by_latent_E,
-            a_BX.new_zeros(codes.latent_idx_E.numel()),
+            a_BX.new_zeros(codes.latent_E.numel()),
             size=(codes.n_latents, codes.n_tokens), check_invariants=False,
         )
         by_latent_E = torch.sparse.sampled_addmm(pattern, b_FX, a_BX.T, beta=0.0).values()
@@ -354,6 +387,7 @@ def gather_preacts(
 
 
 def sparse_decode(codes: SparseCodes, W_dec_FSD: Tensor, b_dec: Tensor | None = None) -> Tensor:
-    """[B, S*D] decoder output of sparse codes, plus ``b_dec`` when given."""
+    """[B, S*D] decoder output of sparse codes (``decode`` from the active entries only),
+    plus ``b_dec`` when given; differentiable in the values, ``W_dec`` and ``b_dec``."""
     b_dec_X = None if b_dec is None else b_dec.reshape(-1)
-    return _SparseDecode.apply(codes.values_E, W_dec_FSD, b_dec_X, codes)
+    return _SparseDecode.apply(codes.value_E, W_dec_FSD, b_dec_X, codes)

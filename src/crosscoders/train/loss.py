@@ -40,6 +40,7 @@ from crosscoders.model.sparse import (
     squared_error,
     topk_per_token,
 )
+from crosscoders.model.workspace import Workspace
 from crosscoders.train.distributed import DataParallel, global_top
 
 
@@ -177,17 +178,9 @@ class SparseStep:
         self.dp = dp
         #: data-parallel BatchTopK: select over the global batch, or over each rank's rows
         self.batchtopk_scope = batchtopk_scope
-        self._buffers: dict[str, Tensor] = {}  # [B, F] scores, scaled encoder
-        self._grad_workspace: dict = {}  # weight-gradient buffers, see grouped_by_latent
-        self._screen_workspace: dict = {}
-
-    def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor,
-                dtype: torch.dtype | None = None) -> Tensor:
-        dtype = dtype or like.dtype
-        buf = self._buffers.get(name)
-        if buf is None or (buf.shape, buf.dtype, buf.device) != (shape, dtype, like.device):
-            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=like.device)
-        return buf
+        #: [B, F] scores, scaled encoder, the screen's buffers, the weight gradients
+        #: (see grouped_by_latent) and the squared error's difference
+        self.workspace = Workspace()
 
     def _uses_screen(self, model: Crosscoder, x_BSD: Tensor) -> bool:
         return (self.screen and isinstance(model.activation, (TopK, BatchTopK))
@@ -196,8 +189,9 @@ class SparseStep:
                 and not torch.is_autocast_enabled(x_BSD.device.type))
 
     def _select(self, model: Crosscoder, x_BX: Tensor, w_F: Tensor, knobs: StepKnobs
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """(token_idx, latent_idx, pre_E, kept weighted scores, [B, F] scores or None)."""
+                ) -> tuple[SparseCodes, Tensor, Tensor | None]:
+        """(the kept entries with their pre-activations, their weighted scores, [B, F]
+        scores or None)."""
         act = model.activation
         k = knobs.k or act.k
         B, X = x_BX.shape
@@ -205,27 +199,27 @@ class SparseStep:
         W_enc_FX = model.W_enc_FSD.detach().reshape(F_, X)
         b_enc_F = model.b_enc.detach()
         is_global = _is_global(act, self.dp, self.batchtopk_scope)
+        ws = self.workspace
         if self._uses_screen(model, x_BX):
             if is_global:  # this rank's top k * B_global, cut down to the global top
                 n_keep = k * B * self.dp.world_size
-                found = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, n_keep, None,
-                                            self._screen_workspace)
-                keep = global_top(self.dp, found[3], n_keep)
-                found = tuple(t[keep] for t in found)
+                codes, kept_E = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, n_keep,
+                                                    None, ws)
+                keep = global_top(self.dp, kept_E, n_keep)
+                codes, kept_E = codes.take(keep), kept_E[keep]
             elif isinstance(act, BatchTopK):
-                found = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, k * B,
-                                            knobs.threshold_hint, self._screen_workspace)
+                codes, kept_E = screened_batch_topk(x_BX, W_enc_FX, b_enc_F, w_F, k * B,
+                                                    knobs.threshold_hint, ws)
             else:
-                found = screened_topk_per_token(x_BX, W_enc_FX, b_enc_F, w_F, k,
-                                                self._screen_workspace)
-            return (*found, None)
+                codes, kept_E = screened_topk_per_token(x_BX, W_enc_FX, b_enc_F, w_F, k, ws)
+            return codes, kept_E, None
         # GEMM on the norm-weighted encoder: scores = pre * w directly, no extra pass.
         # Under autocast the scaled encoder is written straight in bf16 and the selection
         # reads the bf16 scores (the order their fp32 copies would have): no cast passes.
         dtype = torch.bfloat16 if torch.is_autocast_enabled(x_BX.device.type) else x_BX.dtype
-        W_scaled_FX = self._buffer("W_scaled", (F_, X), x_BX, dtype)
+        W_scaled_FX = ws.get("W_scaled", (F_, X), dtype, x_BX.device)
         torch.mul(W_enc_FX, w_F[:, None], out=W_scaled_FX)
-        scores_BF = self._buffer("scores", (B, F_), x_BX, dtype)
+        scores_BF = ws.get("scores", (B, F_), dtype, x_BX.device)
         with torch.autocast(x_BX.device.type, enabled=False):
             torch.addmm((b_enc_F * w_F).to(dtype), x_BX.to(dtype), W_scaled_FX.T, out=scores_BF)
         if is_global:
@@ -236,7 +230,8 @@ class SparseStep:
         else:
             token_idx, latent_idx = act.select(scores_BF, k)
         kept_E = scores_BF[token_idx, latent_idx].to(x_BX.dtype)
-        return token_idx, latent_idx, kept_E / w_F[latent_idx], kept_E, scores_BF
+        codes = SparseCodes(token_idx, latent_idx, kept_E / w_F[latent_idx], B, F_)
+        return codes, kept_E, scores_BF
 
     def __call__(self, model: Crosscoder, x_BSD: Tensor, knobs: StepKnobs) -> LossTerms:
         act = model.activation
@@ -245,15 +240,15 @@ class SparseStep:
         x_BX = x_BSD.reshape(B, S * D)
         with torch.no_grad():
             w_F = model.decoder_norm_weights()
-            token_idx, latent_idx, pre_E, kept_scores_E, scores_BF = self._select(
-                model, x_BX, w_F, knobs)
-        codes = SparseCodes(token_idx, latent_idx, pre_E, B, F_, self._grad_workspace)
+            codes, kept_scores_E, scores_BF = self._select(model, x_BX, w_F, knobs)
+        codes.workspace = self.workspace  # the weight gradients go to reused buffers
+        pre_E = codes.value_E
         values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         codes = codes.with_values(values_E)
         xhat_BX = sparse_decode(codes, model.W_dec, model.b_dec)
         xhat_BSD = xhat_BX.view(B, S, D)
         world = self.dp.world_size if self.dp is not None else 1
-        recon = squared_error(x_BX, xhat_BX, self._grad_workspace, n_tokens=B * world)
+        recon = squared_error(x_BX, xhat_BX, self.workspace, n_tokens=B * world)
         zero = x_BSD.new_zeros(())
         auxk = zero
         dead = knobs.dead_F
@@ -261,7 +256,7 @@ class SparseStep:
             auxk = self._auxk(model, x_BX, xhat_BX.detach(), scores_BF, w_F, dead, knobs)
         total = recon + knobs.auxk_coeff * auxk
         fired_F = torch.zeros(F_, dtype=torch.bool, device=x_BSD.device)
-        fired_F[latent_idx[values_E.detach() > 0]] = True
+        fired_F[codes.latent_E[values_E.detach() > 0]] = True
         min_kept = None
         if isinstance(act, BatchTopK) and kept_scores_E.numel():
             min_kept = float(kept_scores_E.min())
@@ -283,8 +278,9 @@ class SparseStep:
                 token_idx, pos = topk_per_token(torch.relu(pre_BN) * w_F[dead_idx], k_aux)
                 pre_E = pre_BN[token_idx, pos]
                 latent_idx = dead_idx[pos]  # dead_idx ascends: still sorted by latent
-        # fresh gradient tensors here: AuxK only runs while latents are dead, and a second
-        # set of persistent [F, X] buffers would cost more memory than the faults cost time
+        # fresh gradient tensors here (the codes' default workspace keeps none): AuxK only
+        # runs while latents are dead, and a second set of persistent [F, X] buffers would
+        # cost more memory than the faults cost time
         codes = SparseCodes(token_idx, latent_idx, pre_E, B, model.dict_size)
         values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
         ehat_BX = sparse_decode(codes.with_values(values_E), model.W_dec)

@@ -35,6 +35,7 @@ from crosscoders.data import (
 )
 from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
 from crosscoders.io import atomic_write, atomic_write_text, read_json
+from crosscoders.metrics import ReconstructionMetrics
 from crosscoders.model import Crosscoder, CrosscoderConfig
 from crosscoders.model.activations import BatchTopK
 from crosscoders.model.crosscoder import CONFIG_FILE, WEIGHTS_FILE
@@ -509,43 +510,29 @@ class Trainer:
 
     # ----------------------------------------------------------------- logging / eval
     def _log_record(self, x_BSD: Tensor, terms: LossTerms) -> dict:
-        err_S = (x_BSD - terms.xhat_BSD).pow(2).sum(dim=(0, 2))
+        """The batch's losses, FVU per source (about the global batch's mean) and L0."""
+        metrics = self._metrics()
+        metrics.update(x_BSD, terms.xhat_BSD, n_active=round(terms.l0 * x_BSD.shape[0]))
         values = [terms.total.item(), terms.recon.item(), terms.sparsity.item(),
-                  terms.auxk.item(), terms.l0]
-        if self.dp is None:
-            var_S = (x_BSD - x_BSD.mean(0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
-        else:  # the global batch's sums: one reduction of every statistic
-            S, D = x_BSD.shape[1:]
-            x64 = x_BSD.double()
-            packed = torch.cat([torch.tensor(values, dtype=torch.float64, device=self.device),
-                                err_S.double(), x64.pow(2).sum(dim=(0, 2)),
-                                x64.sum(0).reshape(-1)])
-            packed = self.dp.all_reduce_(packed, what="the logged metrics")
-            values = packed[:5].tolist()
-            values[4] /= self.world_size  # l0: the mean of the ranks' equal-sized slices
-            err_S, sumsq_S = packed[5: 5 + S], packed[5 + S: 5 + 2 * S]
-            sum_SD = packed[5 + 2 * S:].view(S, D)
-            n = x_BSD.shape[0] * self.world_size
-            var_S = (sumsq_S - sum_SD.pow(2).sum(-1) / n).clamp_min(1e-12)
-        fvu = (err_S / var_S).tolist()
+                  terms.auxk.item()]
+        if self.dp is not None:  # the global batch: every rank's shares
+            values, metrics = self._over_ranks(values, metrics, "the logged metrics")
+        result = metrics.result()
         record = {
             "step": self.step, "split": "train", "loss": values[0],
             "recon": values[1], "sparsity": values[2],
-            "auxk": values[3], "l0": values[4],
+            "auxk": values[3], "l0": result.l0,
             "dead_frac": float((self.tokens_since_fired_F >= self.dead_after).float().mean()),
             "lr": self.lr_at(self.step - 1),
         }
-        for name, value in zip(self.model.config.names, fvu):
+        for name, value in zip(self.model.config.names, result.fvu_S):
             record[f"fvu/{name}"] = value
         return record
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """FVU per source pooled over the held-out tokens, L0 at inference, dead fraction."""
-        S = self.model.n_sources
-        sums = torch.zeros(3, S, dtype=torch.float64, device=self.device)  # err, x, x^2
-        sum_x_SD = torch.zeros(S, self.model.d_model, dtype=torch.float64, device=self.device)
-        n_tokens, n_active = 0, 0.0
+        metrics = self._metrics()
         self.model.eval()
         batches = self.source.eval_batches(self.config.batch_size)
         if self.dp is not None:  # encoding is per token at eval: each rank takes every N-th
@@ -553,29 +540,35 @@ class Trainer:
         for x_BSD in batches:
             x_BSD = x_BSD.to(self.device) * self.scale_S[:, None]
             f_BF = self.model.encode(x_BSD)
-            xhat_BSD = self.model.decode(f_BF)
-            sums[0] += (x_BSD - xhat_BSD).double().pow(2).sum(dim=(0, 2))
-            sums[2] += x_BSD.double().pow(2).sum(dim=(0, 2))
-            sum_x_SD += x_BSD.double().sum(0)
-            n_tokens += x_BSD.shape[0]
-            n_active += float((f_BF != 0).sum())
+            metrics.update(x_BSD, self.model.decode(f_BF), f_BF)
         self.model.train()
         if self.dp is not None:
-            packed = torch.cat([sums.reshape(-1), sum_x_SD.reshape(-1), torch.tensor(
-                [n_tokens, n_active], dtype=torch.float64, device=self.device)])
-            packed = self.dp.all_reduce_(packed, what="the evaluation")
-            sums = packed[: sums.numel()].view_as(sums)
-            sum_x_SD = packed[sums.numel(): -2].view_as(sum_x_SD)
-            n_tokens, n_active = int(packed[-2]), float(packed[-1])
-        record = {"step": self.step, "split": "eval", "n_tokens": n_tokens}
-        if n_tokens:
-            total_var_S = sums[2] - sum_x_SD.pow(2).sum(-1) / n_tokens
-            fvu = (sums[0] / total_var_S.clamp_min(1e-12)).tolist()
-            for name, value in zip(self.model.config.names, fvu):
+            _, metrics = self._over_ranks([], metrics, "the evaluation")
+        result = metrics.result()
+        record = {"step": self.step, "split": "eval", "n_tokens": result.n_tokens}
+        if result.n_tokens:
+            for name, value in zip(self.model.config.names, result.fvu_S):
                 record[f"fvu/{name}"] = value
-            record["l0"] = n_active / n_tokens
+            record["l0"] = result.l0
         record["dead_frac"] = float((self.tokens_since_fired_F >= self.dead_after).float().mean())
         return record
+
+    def _metrics(self) -> ReconstructionMetrics:
+        return ReconstructionMetrics(self.model.n_sources, self.model.d_model,
+                                     device=self.device)
+
+    def _over_ranks(self, values: list[float], metrics: ReconstructionMetrics, what: str
+                    ) -> tuple[list[float], ReconstructionMetrics]:
+        """Every rank's ``values`` summed and ``metrics`` merged, in rank order (so every
+        rank gets the same numbers), gathered together."""
+        n = len(values)
+        mine = torch.cat([torch.tensor(values, dtype=torch.float64, device=self.device),
+                          metrics.packed()])
+        parts = self.dp.gather_values(mine, what)
+        merged = self._metrics()
+        for part in parts:
+            merged.merge_(part[n:])
+        return torch.stack(parts)[:, :n].sum(0).tolist(), merged
 
     # ----------------------------------------------------------------- finish
     def _finish(self) -> Crosscoder:
