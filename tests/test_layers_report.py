@@ -24,13 +24,13 @@ from crosscoders.layer_examples import choose_latents, layer_of_kind
 from crosscoders.layer_study import LayerFiles, check_comparison, read_comparison
 from crosscoders.layers import firing_frequency
 from crosscoders.model import Crosscoder
+from crosscoders.pipeline.examples import example_text
 from crosscoders.report import build_report, load_layers_data, render_layers_report
 from crosscoders.report.layers import is_layers_dir
 from crosscoders.store import ActivationStore
 from crosscoders.testing import fake_layers_data
 
 pd = pytest.importorskip("pandas")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "layers.yaml"
 SITES = ["resid_out:0", "resid_out:1", "resid_out:2"]
 
 
@@ -44,7 +44,7 @@ def _embedded(html: str) -> tuple[dict, dict[int, dict]]:
 
 def layers_config(root: Path, out: Path, **layers) -> Path:
     """The shipped `layers` example, pointed at a tiny local LM and cut to a tiny size."""
-    cfg = yaml.safe_load(EXAMPLE.read_text())
+    cfg = yaml.safe_load(example_text("layers"))
     cfg["out"] = str(out)
     harvest = cfg["harvest"]
     harvest["models"][0].update(path=str(root / "lm"), sites=SITES)

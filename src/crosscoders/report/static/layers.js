@@ -307,9 +307,10 @@
     const chart = lineChart({ series, logY: true, xLabel: "total L0 (active latents per token)",
       yLabel: "FVU", xName: "L0", aria: "comparison" });
     if (chart) {
-      grid.append(panel("FVU against total L0", "from `crosscoders bench layers`" +
-        (setup ? ` (${setup})` : "") + ": held-out FVU pooled over the layers, one point " +
-        "per k. Lower and further left is better.", chart));
+      grid.append(panel("FVU against total L0", "from `crosscoders bench layers` on " +
+        `planted features${setup ? ` (${setup})` : ""}, not this crosscoder: held-out FVU ` +
+        "pooled over the layers, one point per k. Lower and further left is better.",
+      chart));
     }
     const table = h("table", { class: "simple", id: "comparison-table" }, h("tr", {},
       ["FVU", "crosscoder L0", "per-layer SAEs L0", "ratio"].map((t) => h("th", {}, t))));
