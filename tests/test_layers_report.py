@@ -252,6 +252,28 @@ def test_comparison_from_bench_is_drawn_and_a_bad_one_refused(experiment, tmp_pa
     assert not (tmp_path / "exp2" / "store").exists()
 
 
+def test_report_of_profiles_alone(tmp_path):
+    """`crosscoders layers` without --data writes profiles only: the report shows them, and
+    leaves out what needs data (FVU, contexts)."""
+    from crosscoders import Crosscoder as CC
+    from crosscoders import CrosscoderConfig
+    from crosscoders.layers import layer_profile
+
+    model = CC(CrosscoderConfig(n_sources=4, d_model=8, dict_size=32, k=2,
+                                source_names=["a", "b", "c", "d"]))
+    with torch.no_grad():  # latent i writes only layer i % 4
+        model.W_dec.mul_(torch.nn.functional.one_hot(torch.arange(32) % 4, 4)[..., None])
+    layer_profile(model).save(tmp_path / "layers", plot=False)
+    assert is_layers_dir(tmp_path / "layers")
+    path = build_report(tmp_path / "layers")
+    payload, chunks = _embedded(path.read_text())
+    values = payload["table"]["values"]
+    assert values["category"] == [["a", "b", "c", "d"][i % 4] for i in range(32)]
+    assert values["span"] == [1] * 32 and payload["categories"] == ["a", "b", "c", "d"]
+    assert payload["layers"]["fvu"] is None and payload["layers"]["comparison"] is None
+    assert not chunks and not payload["has_examples"] and "sort" not in payload
+
+
 def test_choose_latents_takes_each_peak_layer_in_turn():
     peak = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
     freq = np.array([0.1, 0.3, 0.2, 0.5, 0.4, 0.01, 0.02, 0.03, 0.04])

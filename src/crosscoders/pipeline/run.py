@@ -161,7 +161,7 @@ def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordi
             identity["compare"] = config_hash(comparison, [])
         stage = run_stage("layers", result.layers_dir, identity, [stage.hash],
                           lambda d: _layers(result, store, section, comparison,
-                                            config.train.device, progress, d), log)
+                                            config.train.device, progress, log, d), log)
         result.stages["layers"] = stage
         return result
 
@@ -274,17 +274,22 @@ def _train(cc_config, store, train_cfg, directory: Path):
 
 
 def _layers(result: PipelineResult, store, section, comparison: dict | None, device: str,
-            progress: bool, directory: Path) -> Path:
+            progress: bool, log, directory: Path) -> Path:
     from crosscoders.harvest import load_tokenizer
     from crosscoders.harvest.models import resolve_device
     from crosscoders.layer_study import run_layer_study
     from crosscoders.model import Crosscoder
 
     model = Crosscoder.load(result.run_dir, device=resolve_device(device))
+    try:  # the text of the contexts; the profiles and FVU need only the store
+        tokenizer = load_tokenizer(result.harvest.models[0])
+    except CrosscodersError as err:
+        log(f"layers: contexts keep token ids only ({err})")
+        tokenizer = None
     run_layer_study(model, store, directory, threshold=section.threshold,
                     min_freq=section.min_freq, max_tokens=section.max_tokens,
                     example_latents=section.example_latents, n_examples=section.n_examples,
-                    tokenizer=load_tokenizer(result.harvest.models[0]), comparison=comparison,
+                    tokenizer=tokenizer, comparison=comparison,
                     run_dir=result.run_dir, title=f"Layer study · {result.out.resolve().name}",
                     progress=progress)
     return directory

@@ -177,7 +177,7 @@ def layer_examples_from_sqlite(
             continue
         ex = example_from_stored(*(json.loads(v) if v is not None else None
                                    for v in (tokens, text, acts)), token_strings, label)
-        if ex is not None:
+        if ex is not None and ex.tokens:  # data without token ids has no contexts to show
             bucket.append(ex)
     return top, by_layer
 
