@@ -176,8 +176,9 @@ def test_loader_round_trip(experiment):
         for ex in exs:  # stored with the tokenizer's text, one activation per token
             assert len(ex.tokens) == len(ex.acts) and all(isinstance(t, str) for t in ex.tokens)
             assert not any(t.startswith("⟨") for t in ex.tokens)
-    assert data.layer_examples and all(set(g) <= set(data.sources())
-                                       for g in data.layer_examples.values())
+    assert data.layer_examples
+    for groups in data.layer_examples.values():  # in depth order
+        assert list(groups) == [s for s in data.sources() if s in groups]
     # the training run, found through the summary
     assert data.metrics and data.config["crosscoder"]["n_sources"] == 3
 
@@ -250,6 +251,27 @@ def test_comparison_from_bench_is_drawn_and_a_bad_one_refused(experiment, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(broken) in err[0] and "crosscoders bench layers" in err[0]
     assert not (tmp_path / "exp2" / "store").exists()
+
+
+def test_contexts_per_layer_read_in_depth_order(tmp_path):
+    """Kinds sort as text (layer:10 before layer:2); the loader returns layers by depth,
+    each strongest first, cut to max_examples, labelled with the layer's input term."""
+    from crosscoders.diff.examples import save_examples
+    from crosscoders.report.layers import layer_examples_from_sqlite
+
+    def rec(kind, rank, value):
+        return {"latent": 7, "kind": kind, "rank": rank, "value": value, "row": rank,
+                "tokens": [1, 2], "acts": [0.0, value], "text": ["a", "b"]}
+
+    records = [rec("layer:10", 0, 3.0), rec("layer:2", 1, 1.0), rec("layer:2", 0, 2.0),
+               rec("top", 0, 5.0), rec("layer:2", 2, 0.5)]
+    save_examples(records, tmp_path / "examples.db")
+    names = [f"L{s}" for s in range(12)]
+    top, by_layer = layer_examples_from_sqlite(tmp_path / "examples.db", names, max_examples=2)
+    assert [e.acts for e in top[7]] == [[0.0, 5.0]]
+    assert list(by_layer[7]) == ["L2", "L10"]
+    assert [e.acts[1] for e in by_layer[7]["L2"]] == [2.0, 1.0]
+    assert by_layer[7]["L10"][0].label == "layer input 3"
 
 
 def test_report_of_profiles_alone(tmp_path):

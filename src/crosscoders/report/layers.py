@@ -179,6 +179,9 @@ def layer_examples_from_sqlite(
                                    for v in (tokens, text, acts)), token_strings, label)
         if ex is not None and ex.tokens:  # data without token ids has no contexts to show
             bucket.append(ex)
+    depth = {name: s for s, name in enumerate(sources)}  # "layer:10" sorts before "layer:2"
+    by_layer = {i: dict(sorted(g.items(), key=lambda kv: depth[kv[0]]))
+                for i, g in by_layer.items()}
     return top, by_layer
 
 
