@@ -260,19 +260,28 @@ def test_cli_functions(tmp_path, capsys):
 
 
 def test_every_script_is_inlined_once_in_order(tmp_path):
-    """The page's scripts are the files in report/static, each inlined once, data.js (which
-    creates the shared namespace) first and main.js (which draws the page) last."""
+    """Each page's scripts are files in report/static, each inlined once, data.js (which
+    creates the shared namespace) first and main.js (which draws the page) last; the diff
+    and layers pages between them use every file, and share all but their sections."""
     from importlib import resources
 
+    from crosscoders.report.layers import LAYER_SCRIPTS, render_layers_report
     from crosscoders.report.render import SCRIPTS
+    from crosscoders.testing import fake_layers_data
 
     static = resources.files("crosscoders.report").joinpath("static")
     on_disk = sorted(p.name for p in static.iterdir() if p.name.endswith(".js"))
-    assert sorted(SCRIPTS) == on_disk and SCRIPTS[0] == "data.js" and SCRIPTS[-1] == "main.js"
+    assert sorted(set(SCRIPTS) | set(LAYER_SCRIPTS)) == on_disk
+    assert set(LAYER_SCRIPTS) - set(SCRIPTS) == {"layers.js"}
     # inlined as is: a script must not hold the text that would open or end a script element
     assert not any("<script" in static.joinpath(n).read_text("utf-8").lower() or "</script" in
-                   static.joinpath(n).read_text("utf-8").lower() for n in SCRIPTS)
-    html = render_report(ReportData(latents={"latent": [0], "category": ["shared"]}),
-                         tmp_path / "r.html").read_text()
-    starts = [html.find(static.joinpath(name).read_text("utf-8")) for name in SCRIPTS]
-    assert all(s > 0 for s in starts) and starts == sorted(starts)
+                   static.joinpath(n).read_text("utf-8").lower() for n in on_disk)
+    diff_page = render_report(ReportData(latents={"latent": [0], "category": ["shared"]}),
+                              tmp_path / "r.html").read_text()
+    layers_page = render_layers_report(fake_layers_data(n_latents=20, n_with_examples=0),
+                                       tmp_path / "l.html").read_text()
+    for scripts, html in ((SCRIPTS, diff_page), (LAYER_SCRIPTS, layers_page)):
+        assert scripts[0] == "data.js" and scripts[-1] == "main.js"
+        starts = [html.find(static.joinpath(name).read_text("utf-8")) for name in scripts]
+        assert all(s > 0 for s in starts) and starts == sorted(starts)
+    assert static.joinpath("layers.js").read_text("utf-8") not in diff_page

@@ -7,6 +7,7 @@ time go to pytest's tmp dir and, when set, to ``$CROSSCODERS_TEST_ARTIFACTS``.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crosscoders.report import render_report
-from crosscoders.testing import fake_report_data
+from crosscoders.report import render_layers_report, render_report
+from crosscoders.testing import fake_layers_data, fake_report_data
 
 HERE = Path(__file__).parent / "browser"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -37,9 +38,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run_page(html: Path, out: Path, *args: str, env: dict | None = None) -> dict:
+def _run_page(html: Path, out: Path, *args: str, env: dict | None = None,
+              script: str = "check_report.mjs") -> dict:
     proc = subprocess.run(
-        ["node", str(HERE / "check_report.mjs"), str(html), str(out), *args],
+        ["node", str(HERE / script), str(html), str(out), *args],
         cwd=HERE, capture_output=True, text=True, timeout=240,
         env={**os.environ, "CHROMIUM": CHROMIUM, **(env or {})},
     )
@@ -155,3 +157,60 @@ def test_report_without_optional_sections(tmp_path):
     # a table from before the graded view: no band, no dead/rare note, unsorted browser
     assert r["band"] == 0 and r["untrainedNote"] is None and r["initialSort"] is None
     assert r["guides"] == 0 and r["countsNote"] == "labels from the latent table"
+
+
+def test_layers_report_in_headless_chromium(tmp_path):
+    """The layers report: heat map sorted by peak layer (and by span), a column click and a
+    table row open a card whose layer profile matches the data, contexts per layer."""
+    n_layers = 6
+    data = fake_layers_data(n_latents=4096, n_layers=n_layers, n_with_examples=4096)
+    html = render_layers_report(data, tmp_path / "layers.html")
+    r = _run_page(html, tmp_path, script="check_layers_report.mjs")
+    _keep(r["screenshots"], {"n_latents": 4096, "html_mb": round(html.stat().st_size / 1e6, 2)})
+    assert r["pageErrors"] == [] and r["console"] == [] and r["network"] == []
+    assert r["nav"] == ["Overview", "Layers", "Comparison", "Features"]
+    labels = {s["label"] for s in r["svgs"]}
+    assert {"fvu per layer", "persistence", "effective layers", "peak layer",
+            "comparison"} <= labels
+    for svg in r["svgs"]:
+        assert svg["width"] > 100 and svg["height"] > 50 and svg["marks"] > 0, svg
+    assert r["comparisonRows"] == 1 + len(data.comparison["matched"])
+
+    cols = data.table
+    counted = cols["first"] >= 0
+    # the heat map: every counted latent a column, drawn (a coloured pixel mid-plot)
+    assert r["canvas"]["width"] > 800 and r["canvas"]["height"] >= 8 * n_layers
+    assert r["canvas"]["midPixel"][3] == 255 and sum(r["canvas"]["midPixel"][:3]) > 0
+    for state in (r["heatInitial"], r["heatSpan"], r["heatPeak"]):
+        assert sorted(state["ids"]) == np.flatnonzero(counted).tolist()
+    # sorted by span (widest first, then by peak layer) ...
+    assert r["heatSpan"]["sort"] == "span" and r["spanChipOn"]
+    spans = r["heatSpan"]["spans"]
+    assert spans == sorted(spans, reverse=True) and spans[0] > spans[-1]
+    # ... and back by peak layer (then widest first): the order the page opened with
+    assert r["heatPeak"]["sort"] == "peak" and r["heatPeak"]["ids"] == r["heatInitial"]["ids"]
+    pairs = list(zip(r["heatPeak"]["peaks"], [-s for s in r["heatPeak"]["spans"]]))
+    assert pairs == sorted(pairs) and r["heatPeak"]["peaks"][0] < r["heatPeak"]["peaks"][-1]
+    # a click on a column opens the latent under the mouse: the one the tooltip names, at
+    # the column aimed at (give or take the columns one pixel holds)
+    hit = r["heatTip"].split("\n")[0]
+    assert re.fullmatch(r"latent \d+", hit) and r["heatClick"]["title"] == f"L{hit[1:]}"
+    ids, click = r["heatPeak"]["ids"], r["heatClick"]
+    assert abs(ids.index(int(hit.split()[1])) - click["k"]) <= len(ids) / click["plotWidth"] + 1
+
+    # the card of the first row (most frequent first): its profile is the data's
+    card = r["card"]
+    latent = card["firstId"]
+    assert latent == int(np.argmax(cols["freq"])) and card["title"] == f"Latent {latent}"
+    norms = np.array([cols[f"norm/{n}"][latent] for n in data.sources()])
+    heights = np.array(card["barHeights"])
+    assert len(heights) == n_layers and card["profile"]["width"] > 200
+    np.testing.assert_allclose(heights / heights.max(), norms / norms.max(), atol=0.02)
+    assert card["dimmed"] == (norms < data.summary["threshold"] * norms.max()).tolist()
+    peak_name = data.sources()[int(cols["peak"][latent])]
+    assert card["note"].startswith(f"peak {peak_name} · span {int(cols['span'][latent])}")
+    assert card["examples"] == 8  # the first 8 of 10 top contexts; the rest on request
+    assert card["groups"] == list(data.layer_examples[latent])
+    assert card["groupOn"] == peak_name and card["groupExamples"] == 5
+    if len(card["groups"]) > 1:
+        assert card["groupAfterClick"] == card["groups"][-1]

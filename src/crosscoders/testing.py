@@ -6,8 +6,9 @@ The same arguments give the same output, so tests can assert exact behaviour:
   word-level tokenizer (:func:`make_tokenizer`), and random text and chat corpora over its
   words (:func:`write_text_corpus`, :func:`write_chat_corpus`): what harvesting, diffing
   and the pipeline run on in tests and ``benchmarks/harvest.py``;
-- made-up but realistic-looking report data (:func:`fake_report_data`): what the report's
-  tests render, and a page to look at without training anything.
+- made-up but realistic-looking report data (:func:`fake_report_data`,
+  :func:`fake_layers_data`): what the reports' tests render, and pages to look at without
+  training anything.
 
 The library itself never imports this module.
 """
@@ -24,6 +25,7 @@ import torch
 
 if TYPE_CHECKING:
     from crosscoders.report.data import ReportData
+    from crosscoders.report.layers import LayersReportData
 
 # --------------------------------------------------------------------------------------------
 # Tiny language models and corpora
@@ -355,3 +357,86 @@ def fake_report_data(
         metrics=metrics, examples=examples, similarity=similarity, lens=lens,
         top_tokens=top_tokens, act_hists=hists,
     )
+
+
+def fake_layers_data(
+    n_latents: int = 4096,
+    n_layers: int = 6,
+    n_with_examples: int = 200,
+    n_examples: int = 10,
+    threshold: float = 0.5,
+    seed: int = 0,
+) -> LayersReportData:
+    """A LayersReportData of a made-up cross-layer crosscoder: each firing latent writes a
+    run of consecutive layers around its peak (norm >= 0.55 x peak there, <= 0.3 x peak
+    elsewhere); 5% never fire. The columns follow ``layers.layer_profile``'s definitions.
+    The first ``n_with_examples`` firing latents get contexts, overall and per layer."""
+    from crosscoders.report.data import Example
+    from crosscoders.report.layers import LayersReportData
+
+    rng = np.random.default_rng(seed)
+    F, S = n_latents, n_layers
+    names = [f"resid_out:{4 * (s + 1)}" for s in range(S)]
+    peak = rng.integers(0, S, F)
+    width = np.minimum(rng.geometric(0.45, F), S)
+    start = np.clip(peak - rng.integers(0, width), 0, S - width)
+    layer_S = np.arange(S)
+    inside = (layer_S >= start[:, None]) & (layer_S < (start + width)[:, None])
+    rel = np.where(inside, rng.uniform(0.55, 0.95, (F, S)), rng.uniform(0.0, 0.3, (F, S)))
+    rel[np.arange(F), peak] = 1.0
+    fires = rng.random(F) > 0.05
+    freq = np.where(fires, 10 ** rng.normal(-2.5, 0.6, F), 0.0)
+    norms = rel * rng.lognormal(0.0, 0.2, F)[:, None]
+    norms[~fires] = rng.uniform(0.9, 1.1, ((~fires).sum(), S))  # untrained: even over layers
+    peak = norms.argmax(1)
+    above = (norms / norms.max(1, keepdims=True) >= threshold) & fires[:, None]
+    span = above.sum(1)
+    first = np.where(fires, np.where(above, layer_S, S).min(1), -1)
+    last = np.where(above, layer_S, -1).max(1)
+    sq = norms**2
+    table = {"latent": np.arange(F), "peak": peak,
+             "peak_name": np.array(names, dtype=object)[peak], "span": span, "first": first,
+             "last": last, "contiguous": (last - first + 1 == span) & fires,
+             "effective_layers": np.where(fires, sq.sum(1) ** 2 / (sq**2).sum(1), 0.0),
+             "freq": freq}
+    table.update({f"norm/{n}": norms[:, s] for s, n in enumerate(names)})
+    summary = {
+        "n_latents": F, "n_counted": int(fires.sum()), "counted":
+        "latents firing on more than 0 of the tokens", "n_sources": S, "sources": names,
+        "threshold": threshold,
+        "span_counts": {str(n): int((span[fires] == n).sum()) for n in range(1, S + 1)},
+        "multi_layer_fraction": float((span[fires] >= 2).mean()),
+        "contiguous_fraction_of_multi_layer": float(table["contiguous"][fires & (span >= 2)]
+                                                    .mean()),
+        "mean_effective_layers": float(table["effective_layers"][fires].mean()),
+        "fvu": {n: float(0.05 + 0.03 * s + rng.uniform(0, 0.01)) for s, n in enumerate(names)},
+        "evaluated": {"split": "held-out", "n_tokens": 100_000}, "l0": 48.0,
+    }
+    vocab = [" " + w if w.isalnum() else w for w in _REPORT_WORDS]
+    examples, by_layer = {}, {}
+    for i in np.flatnonzero(fires)[:n_with_examples].tolist():
+        def contexts(n: int, favourite: int) -> list[Example]:
+            out = []
+            for j in range(n):
+                toks = rng.integers(0, len(vocab), 24)
+                acts = np.zeros(24)
+                at = int(rng.integers(8, 24))
+                toks[at] = favourite
+                acts[at] = 3.0 * (1 - 0.05 * j)
+                acts[at - 1] = 0.8
+                out.append(Example([vocab[t] for t in toks], acts.tolist()))
+            return out
+
+        examples[i] = contexts(n_examples, int(rng.integers(0, len(vocab))))
+        by_layer[i] = {names[s]: contexts(n_examples // 2, int(rng.integers(0, len(vocab))))
+                       for s in np.flatnonzero(above[i]).tolist()}
+    comparison = {
+        "n_layers": S, "d_model": 32, "dict_size": 128, "steps": 1000,
+        "crosscoder": [{"k": k, "l0": 0.9 * k, "fvu": 0.4 / k**1.5} for k in (2, 4, 8, 16)],
+        "per_layer_saes": [{"k": k, "l0": 2.5 * S * k / 4, "fvu": 0.45 / k**1.4}
+                           for k in (1, 2, 4, 6)],
+        "matched": [{"fvu": f, "crosscoder_l0": 2.0 / f**0.3, "per_layer_l0": 5.2 / f**0.3,
+                     "ratio": 2.6} for f in (0.1, 0.03, 0.01)],
+    }
+    return LayersReportData(table, summary, examples=examples, layer_examples=by_layer,
+                            comparison=comparison, title="Synthetic layer study")

@@ -28,11 +28,20 @@ class ReportSection(Config):
 
 @dataclass
 class LayersSection(Config):
-    """Layer profiles (one-model, several-layer experiments; see docs/layers.md)."""
+    """Layer profiles, FVU per layer and the layers report (one-model, several-layer
+    experiments; see docs/layers.md).
+
+    ``example_latents``: counted latents whose cards get contexts (``n_examples`` each,
+    overall and per layer); ``compare``: the JSON of ``crosscoders bench layers --json``,
+    shown in the report.
+    """
 
     threshold: float = 0.5
     min_freq: float = 0.0
     max_tokens: int = 1_000_000
+    example_latents: int = 256
+    n_examples: int = 10
+    compare: str | None = None
 
     def validate(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -41,6 +50,10 @@ class LayersSection(Config):
             raise ConfigError(f"min_freq must be in [0, 1), got {self.min_freq}")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.example_latents < 0:
+            raise ConfigError(f"example_latents must be >= 0, got {self.example_latents}")
+        if self.n_examples < 0:
+            raise ConfigError(f"n_examples must be >= 0, got {self.n_examples}")
 
 
 @dataclass

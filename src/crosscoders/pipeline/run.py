@@ -61,8 +61,14 @@ class PipelineResult:
 
     @property
     def report_path(self) -> Path | None:
+        """The diff report, or the layers report of a one-model experiment."""
+        from crosscoders.layer_study import LayerFiles
+
         outcome = self.stages.get("report")
-        return outcome.result if outcome else None
+        if outcome is not None:
+            return outcome.result
+        layers_report = self.layers_dir / LayerFiles.REPORT
+        return layers_report if "layers" in self.stages and layers_report.exists() else None
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True, log=print) -> PipelineResult:
@@ -89,6 +95,11 @@ def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordi
     claim_out(out)
     if config.harvest.store is None:
         _refuse_foreign_store(out, out / "store")
+    comparison = None
+    if config.layers.compare is not None:  # a bad file is refused before any work
+        from crosscoders.layer_study import read_comparison
+
+        comparison = read_comparison(config.layers.compare)
     config.save(out / "pipeline.yaml")
     result = PipelineResult(out)
     harvest_cfg = config.harvest
@@ -147,8 +158,12 @@ def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordi
 
     if len(harvest_cfg.models) == 1:  # one model, several layers: layer profiles
         section = config.layers
-        stage = run_stage("layers", result.layers_dir, section.to_dict(), [stage.hash],
-                          lambda d: _layers(result.run_dir, store, section, d), log)
+        identity = section.to_dict()
+        if comparison is not None:  # the file's content, not only its path, decides a redo
+            identity["compare"] = config_hash(comparison, [])
+        stage = run_stage("layers", result.layers_dir, identity, [stage.hash],
+                          lambda d: _layers(result, store, section, comparison,
+                                            config.train.device, progress, log, d), log)
         result.stages["layers"] = stage
         return result
 
@@ -261,13 +276,25 @@ def _train(cc_config, store, train_cfg, directory: Path):
     return train(cc_config, store, train_cfg, run_dir=directory)
 
 
-def _layers(run_dir: Path, store, section, directory: Path) -> Path:
-    from crosscoders.layers import firing_frequency, layer_profile
+def _layers(result: PipelineResult, store, section, comparison: dict | None, device: str,
+            progress: bool, log, directory: Path) -> Path:
+    from crosscoders.harvest import load_tokenizer
+    from crosscoders.harvest.models import resolve_device
+    from crosscoders.layer_study import run_layer_study
     from crosscoders.model import Crosscoder
 
-    model = Crosscoder.load(run_dir)
-    freq_F = firing_frequency(model, store, section.max_tokens)
-    layer_profile(model, section.threshold, freq_F, section.min_freq).save(directory)
+    model = Crosscoder.load(result.run_dir, device=resolve_device(device))
+    try:  # the text of the contexts; the profiles and FVU need only the store
+        tokenizer = load_tokenizer(result.harvest.models[0])
+    except CrosscodersError as err:
+        log(f"layers: contexts keep token ids only ({err})")
+        tokenizer = None
+    run_layer_study(model, store, directory, threshold=section.threshold,
+                    min_freq=section.min_freq, max_tokens=section.max_tokens,
+                    example_latents=section.example_latents, n_examples=section.n_examples,
+                    tokenizer=tokenizer, comparison=comparison,
+                    run_dir=result.run_dir, title=f"Layer study · {result.out.resolve().name}",
+                    progress=progress)
     return directory
 
 

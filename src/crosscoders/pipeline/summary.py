@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crosscoders.layer_study import fvu_text
 from crosscoders.pipeline.run import PipelineResult
 
 
@@ -143,6 +144,9 @@ def format_summary(result: PipelineResult,
         lines.append(f"  span counts (layers >= {s['threshold']} x peak): {spans}")
         lines.append(f"  multi-layer {s['multi_layer_fraction']:.1%}, mean effective layers "
                      f"{s['mean_effective_layers']:.2f}")
+        fvu = fvu_text(s)
+        if fvu:
+            lines.append(fvu)
         lines.append(f"layers: {result.layers_dir}/layers.csv, layers.png")
     if result.report_path:
         lines.append(f"report: {result.report_path}")

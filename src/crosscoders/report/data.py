@@ -50,6 +50,8 @@ class ReportData:
     - ``config``: the run's configuration (``run.json`` / ``config.json``), shown as is.
     - ``metrics``: trainer records (``step``, ``split``, ``loss``, ``fvu/<source>`` ...).
     - ``examples``: latent id -> max-activating examples, strongest first.
+    - ``example_groups``: latent id -> {group name -> examples}: further contexts shown by
+      group in the card (the layers report: by the layer whose input drives the latent).
     - ``similarity``: holistic baselines, e.g. ``{"cka": 0.93, "svcca": 0.88}`` or nested
       dicts ``{"cka": {"layer 13": 0.93}}``.
     - ``lens``: activation-difference lens, a list of ``{"position": p, "promoted":
@@ -66,6 +68,7 @@ class ReportData:
     config: dict = dataclasses.field(default_factory=dict)
     metrics: list[dict] = dataclasses.field(default_factory=list)
     examples: dict[int, list[Example]] = dataclasses.field(default_factory=dict)
+    example_groups: dict[int, dict[str, list[Example]]] = dataclasses.field(default_factory=dict)
     similarity: dict = dataclasses.field(default_factory=dict)
     lens: list[dict] = dataclasses.field(default_factory=list)
     top_tokens: dict[int, dict[str, list[TokenScore]]] = dataclasses.field(default_factory=dict)

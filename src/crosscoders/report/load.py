@@ -141,7 +141,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ examples
-def _example(ids: Iterable | None, text: list | None, acts: list | None,
+def example_from_stored(ids: Iterable | None, text: list | None, acts: list | None,
              token_strings: Callable | None, label: str | None) -> Example | None:
     """One example from ids / text / acts as the diff step stores them.
 
@@ -197,7 +197,7 @@ def examples_from_sqlite(
         bucket = out.setdefault(int(latent), [])
         if len(bucket) >= max_examples:
             continue
-        ex = _example(_loads(tokens), _loads(text), _loads(acts), token_strings,
+        ex = example_from_stored(_loads(tokens), _loads(text), _loads(acts), token_strings,
                       _label(kind, quantile))
         if ex is not None:
             bucket.append(ex)
@@ -221,7 +221,7 @@ def examples_from_frame(
         bucket = out.setdefault(int(rec["latent"]), [])
         if len(bucket) >= max_examples:
             continue
-        ex = _example(_listish(rec.get("tokens")), _listish(rec.get("text")),
+        ex = example_from_stored(_listish(rec.get("tokens")), _listish(rec.get("text")),
                       _listish(rec.get("acts")), token_strings,
                       _label(rec.get("kind"), rec.get("quantile")))
         if ex is not None:

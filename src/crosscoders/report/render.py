@@ -5,14 +5,15 @@ Layout of the embedded data, chosen so that a 16k-latent report opens fast:
 - ``<script id="report-data" type="application/json">``: the latent table as columns, run
   config, summary, metrics as columns per split, baselines, and the token strings used by
   examples (``vocab``; examples refer to tokens by index).
-- ``<script id="chunk-N" type="application/json">``: the examples, decoder top tokens and
-  activation histograms of ``chunk_size`` consecutive table rows. The page parses a chunk
-  only when a card in it is opened, so load time does not grow with the example count
-  beyond reading the text.
+- ``<script id="chunk-N" type="application/json">``: the examples (and grouped examples),
+  decoder top tokens and activation histograms of ``chunk_size`` consecutive table rows.
+  The page parses a chunk only when a card in it is opened, so load time does not grow
+  with the example count beyond reading the text.
 
 The plots are inline SVG drawn in the browser, from the table, by the scripts in ``static/``
 (``SCRIPTS``: one file per purpose, concatenated in that order into the page's one
-``<script>``; they share the namespace object ``CC``).
+``<script>``; they share the namespace object ``CC``). Another page (the layers report,
+``report/layers.py``) reuses them with its own sections script in place of the diffing one.
 With the graded view (``crosscoders.diff.graded``) the relative-norm plot shades the null
 band (``summary.graded.band``), dead and rare latents are left out of the category plots
 unless the reader asks for them, and the feature browser opens sorted by ``diff_score``.
@@ -95,7 +96,7 @@ def render_report(
         data, max_examples=max_examples, context=context, chunk_size=chunk_size,
         n_preview=n_preview,
     )
-    atomic_write_text(out, _html_page(payload, chunks))
+    atomic_write_text(out, html_page(payload, chunks))
     return out
 
 
@@ -114,6 +115,9 @@ def build_payload(
 
     examples = {int(k): [_as_example(e) for e in v[:max_examples]]
                 for k, v in data.examples.items()}
+    groups = {int(k): {str(g): [_as_example(e) for e in exs[:max_examples]]
+                       for g, exs in by_group.items()}
+              for k, by_group in data.example_groups.items()}
     previews: dict[str, list[str]] = {}
     if examples:
         previews[TOP_ACT_TOKENS] = [
@@ -132,6 +136,9 @@ def build_payload(
             entry: dict[str, Any] = {}
             if i in examples and examples[i]:
                 entry["ex"] = [_example_payload(e, context, vocab) for e in examples[i]]
+            if groups.get(i):
+                entry["exg"] = {g: [_example_payload(e, context, vocab) for e in exs]
+                                for g, exs in groups[i].items()}
             if i in data.top_tokens:
                 entry["tt"] = {
                     str(model): [[vocab.add(t), round_sig(float(v))] for t, v in pairs]
@@ -323,11 +330,10 @@ def _static(name: str) -> str:
     return resources.files("crosscoders.report").joinpath("static", name).read_text("utf-8")
 
 
-def _scripts() -> str:
-    return "\n".join(_static(name) for name in SCRIPTS)
-
-
-def _html_page(payload: dict, chunks: list[dict]) -> str:
+def html_page(payload: dict, chunks: list[dict], scripts: tuple[str, ...] = SCRIPTS) -> str:
+    """The page: ``payload`` and ``chunks`` (from :func:`build_payload`) as JSON blocks, the
+    CSS and ``scripts`` (files of ``static/``, in order) inline."""
+    code = "\n".join(_static(name) for name in scripts)
     chunk_tags = "\n".join(
         f'<script type="application/json" id="chunk-{n}">{_json_for_script(c)}</script>'
         for n, c in enumerate(chunks) if c
@@ -351,7 +357,7 @@ fetched from the network).</p></noscript>
 <script type="application/json" id="report-data">{_json_for_script(payload)}</script>
 {chunk_tags}
 <script>
-{_scripts()}
+{code}
 </script>
 </body>
 </html>

@@ -1,5 +1,7 @@
 /* crosscoders report, card.js: a latent's card (statistics, decoder norms, examples, top
- * tokens, activation histogram), from the chunk of card data that holds it. */
+ * tokens, activation histogram), from the chunk of card data that holds it. A page adds
+ * its own parts after the statistics through CC.cardSections (functions (id, row, card
+ * data) -> elements), and grouped examples (card data "exg") show one group at a time. */
 (function (CC) {
   "use strict";
   const { D, TV, COLS, ROW_OF, R, CAT_NAMES, cvar, catColor, h, esc, fmt, label,
@@ -52,27 +54,15 @@
             style: `width:${(100 * (v || 0)) / mx}%;background:${cvar(col)}` })),
           h("span", { class: "v" }, fmt(v))])));
     }
+    for (const section of CC.cardSections || []) out.push(...section(id, row, cd));
     const ex = cd.ex || [];
     if (ex.length) {
-      let maxAct = 0;
-      for (const e of ex) for (const a of exampleActs(e)) if (a > maxAct) maxAct = a;
-      const list = h("div", { class: "exs" });
-      const SHOW = 8;
-      const add = (from, to) => {
-        for (let j = from; j < to; j++) list.append(exampleEl(ex[j], maxAct, j));
-      };
-      add(0, Math.min(SHOW, ex.length));
-      out.push(h("h4", {}, `Max-activating contexts (${ex.length})`), list);
-      if (ex.length > SHOW) {
-        const more = h("button", { class: "more", type: "button", onclick: () => {
-          add(SHOW, ex.length); more.remove();
-        } }, `show all ${ex.length}`);
-        out.push(more);
-      }
+      out.push(h("h4", {}, `Max-activating contexts (${ex.length})`), ...exampleList(ex));
     } else if (D.has_examples) {
       out.push(h("h4", {}, "Max-activating contexts"), h("p", { class: "note" },
         "No examples were stored for this latent."));
     }
+    if (cd.exg) out.push(...exampleGroups(cd.exg, TV.category[row]));
     if (cd.tt) {
       const cols = h("div", { class: "tt-cols" });
       for (const [model, pairs] of Object.entries(cd.tt)) {
@@ -90,6 +80,41 @@
         "Activations in the shown contexts (non-zero)"), svg);
     }
     return out;
+  }
+  /* The list of examples `ex` (the first few; a button shows the rest). */
+  function exampleList(ex) {
+    let maxAct = 0;
+    for (const e of ex) for (const a of exampleActs(e)) if (a > maxAct) maxAct = a;
+    const list = h("div", { class: "exs" });
+    const SHOW = 8;
+    const add = (from, to) => {
+      for (let j = from; j < to; j++) list.append(exampleEl(ex[j], maxAct, j));
+    };
+    add(0, Math.min(SHOW, ex.length));
+    if (ex.length <= SHOW) return [list];
+    const more = h("button", { class: "more", type: "button", onclick: () => {
+      add(SHOW, ex.length); more.remove();
+    } }, `show all ${ex.length}`);
+    return [list, more];
+  }
+  /* Grouped examples {group: [example, ...]}: a chip per group, one group shown; first the
+   * group named like the latent's category (the layers report: its peak layer). */
+  function exampleGroups(groups, category) {
+    const names = Object.keys(groups).filter((g) => groups[g].length);
+    if (!names.length) return [];
+    const body = h("div", { class: "ex-group" });
+    const chips = h("div", { class: "toolbar ex-groups" });
+    const show = (g) => {
+      for (const c of chips.children) c.classList.toggle("on", c.dataset.group === g);
+      body.replaceChildren(...exampleList(groups[g]));
+    };
+    for (const g of names) {
+      chips.append(h("button", { type: "button", class: "chip", "data-group": g,
+        onclick: () => show(g) }, g, h("small", {}, groups[g].length)));
+    }
+    show(names.includes(category) ? category : names[0]);
+    return [h("h4", {}, D.group_title || "Contexts by group"), D.group_note ?
+      h("p", { class: "note" }, D.group_note) : null, chips, body].filter(Boolean);
   }
   /* An example is [token indices, flat [position, activation, ...] of the non-zero
    * activations, cut on the left (0/1), cut on the right (0/1), label?]. */

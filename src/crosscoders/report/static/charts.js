@@ -231,7 +231,7 @@
       if (at == null) return;
       cursor.setAttribute("x1", fr.x(at)); cursor.setAttribute("x2", fr.x(at));
       cursor.setAttribute("visibility", "visible");
-      showTip(ev, `step ${fmt(at, "int")}\n${lines.join("\n")}`);
+      showTip(ev, `${opts.xName || "step"} ${fmt(at)}\n${lines.join("\n")}`);
     });
     hit.addEventListener("mouseleave", () => { hideTip(); cursor.setAttribute("visibility",
       "hidden"); });
@@ -338,6 +338,6 @@
     return fr.svg;
   }
 
-  Object.assign(CC, { extent, legend, histogram, lineChart, scatter, barChart, withLogToggle,
+  Object.assign(CC, { niceTicks, extent, legend, histogram, lineChart, scatter, barChart, withLogToggle,
     barsFromHist });
 })(CC);

@@ -29,7 +29,9 @@ const CC = {};
   const UNTRAINED = new Set(["rare", "dead"]);
   const GRADED = (D.summary || {}).graded || null;
   const PALETTE = ["#3b82f6", "#f2762e", "#14a38b", "#a855f7", "#e11d48", "#64748b"];
-  const catColor = (c, i) => CAT_COLOR[c] || PALETTE[(i || 0) % PALETTE.length];
+  // A page may colour its own categories (the layers report: one colour per layer).
+  const OWN_COLOR = D.colors || {};
+  const catColor = (c, i) => OWN_COLOR[c] || CAT_COLOR[c] || PALETTE[(i || 0) % PALETTE.length];
 
   function categoryCounts() {
     const out = {};

@@ -44,7 +44,9 @@
     return String(Number(v.toPrecision(3)));
   };
   const isNum = (v) => typeof v === "number" && isFinite(v);
-  const label = (name) => name.replace(/_/g, " ");
+  // Column names as shown; a page may rename some (the layers report: category -> peak layer).
+  const LABELS = CC.D.labels || {};
+  const label = (name) => LABELS[name] || name.replace(/_/g, " ");
   const tip = h("div", { class: "tip" });
   function showTip(ev, text) {
     tip.textContent = text;

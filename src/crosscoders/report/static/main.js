@@ -1,27 +1,22 @@
 /* crosscoders report, main.js: the page (header, navigation, sections in order, deep
- * links) and window.__report for tests and the console. */
+ * links) and window.__report for tests and the console. The sections and the subtitle
+ * come from CC.page, which the page's sections script sets (sections.js: the diff report;
+ * layers.js: the layers report). */
 (function (CC) {
   "use strict";
-  const { T0, D, TV, N, IDS, ccConfig, h, tip, browser, renderOverview, renderTraining,
-    renderDiffing, renderBaselines } = CC;
+  const { T0, D, TV, N, IDS, h, tip, browser, page } = CC;
 
   // ------------------------------------------------------------------ page
   function main() {
     const app = document.getElementById("app");
-    const { cc } = ccConfig();
-    const src = (D.summary || {}).sources || {};
-    const names = src.base && src.chat ? [src.base, src.chat] : (cc.source_names || []);
-    const sub = [N.toLocaleString("en-US") + " latents", cc.activation,
-      names.length ? names.join(" vs ") : null, `built ${D.generated}`].filter(Boolean)
-      .join(" · ");
+    const sub = [N.toLocaleString("en-US") + " latents", ...page.subtitle(),
+      `built ${D.generated}`].filter(Boolean).join(" · ");
     const nav = h("nav");
     app.append(h("header", { class: "top" }, h("h1", {}, D.title), h("span", { class: "sub" },
       sub), nav), tip);
     const body = h("main");
     app.append(body);
-    const sections = [["overview", "Overview", renderOverview],
-      ["training", "Training", renderTraining], ["diffing", "Diffing", renderDiffing],
-      ["baselines", "Baselines", renderBaselines], ["features", "Features", browser.build]];
+    const sections = [...page.sections, ["features", "Features", browser.build]];
     for (const [id, name, fn] of sections) {
       try {
         if (fn(body) !== false) nav.append(h("a", { href: `#${id}` }, name));
@@ -46,9 +41,9 @@
         values: Object.fromEntries(names.map((n) => [n, rows.map((r) => TV[n][r])])) };
     };
     // readyAt: ms since navigation start (HTML parsed, plots and first rows drawn)
-    window.__report = { ready: true, renderMs: performance.now() - T0,
+    window.__report = Object.assign({ ready: true, renderMs: performance.now() - T0,
       readyAt: performance.now(), browser, view,
-      open: (id) => browser.open(id, true) };
+      open: (id) => browser.open(id, true) }, page.hooks || {});
     document.body.dataset.ready = "1";
   }
   main();

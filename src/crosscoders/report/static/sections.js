@@ -288,5 +288,16 @@
     root.append(sec);
     return true;
   }
-  Object.assign(CC, { renderOverview, renderTraining, renderDiffing, renderBaselines });
+  // The diff report's page: its sections before the feature browser, and the subtitle's
+  // middle (the crosscoder's activation, the models compared).
+  function subtitle() {
+    const { cc } = ccConfig();
+    const src = (D.summary || {}).sources || {};
+    const names = src.base && src.chat ? [src.base, src.chat] : (cc.source_names || []);
+    return [cc.activation, names.length ? names.join(" vs ") : null];
+  }
+  const page = { subtitle, sections: [["overview", "Overview", renderOverview],
+    ["training", "Training", renderTraining], ["diffing", "Diffing", renderDiffing],
+    ["baselines", "Baselines", renderBaselines]] };
+  Object.assign(CC, { renderOverview, renderTraining, renderDiffing, renderBaselines, page });
 })(CC);

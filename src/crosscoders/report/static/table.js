@@ -7,9 +7,12 @@
 
   const browser = (function () {
     const ROW_H = 28;
-    // Opens sorted by the diffing score (most changed first) when the table has one.
-    const state = { cat: null, query: "", range: null,
-      sortCol: COL.diff_score ? "diff_score" : null, sortDir: -1, view: null, selected: null };
+    // Opens sorted as the page asks (D.sort: [column, direction]), else by the diffing
+    // score (most changed first) when the table has one.
+    const [sortCol, sortDir] = D.sort && COL[D.sort[0]] ? D.sort :
+      [COL.diff_score ? "diff_score" : null, -1];
+    const state = { cat: null, query: "", range: null, sortCol, sortDir, view: null,
+      selected: null };
     const tableCols = COLS;
     const px = tableCols.map((c) => c.name === "latent" ? 68 : c.kind === "cat" ? 108 :
       c.kind === "bool" ? 62 : c.kind === "text" ? 150 : c.kind === "str" ? 90 : 78);
