@@ -20,9 +20,9 @@ import yaml
 
 from crosscoders.cli import main as cli_main
 from crosscoders.errors import DataError
-from crosscoders.layer_examples import choose_latents, layer_of_kind
-from crosscoders.layer_study import LayerFiles, check_comparison, read_comparison
 from crosscoders.layers import firing_frequency
+from crosscoders.layers.examples import choose_latents, layer_of_kind
+from crosscoders.layers.study import LayerFiles, check_comparison, read_comparison
 from crosscoders.model import Crosscoder
 from crosscoders.pipeline.examples import example_text
 from crosscoders.report import build_report, load_layers_data, render_layers_report
@@ -305,3 +305,4 @@ def test_choose_latents_takes_each_peak_layer_in_turn():
     assert choose_latents(peak, counted, freq, 6).tolist() == [1, 2, 3, 4, 6, 7]
     assert choose_latents(peak, counted, freq, 100).tolist() == list(range(8))
     assert choose_latents(peak, counted, freq, 0).tolist() == []
+

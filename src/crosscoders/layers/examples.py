@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosscoders.diff.examples import ExampleCollector, _TopPerGroup
+from crosscoders.diff.examples import ExampleCollector, TopPerGroup
 from crosscoders.diff.stats import EncodedBatch
 
 #: the ``kind`` of the contexts kept for layer (source) ``s``
@@ -50,7 +50,7 @@ class LayerExampleCollector(ExampleCollector):
         self.W_enc_FSD = model.W_enc_FSD.detach()
         n_layer = n_top if n_layer is None else n_layer
         groups = len(self.latents) * self.n_sources
-        self.by_layer = (_TopPerGroup(groups, n_layer, max(buffer, 4 * groups * n_layer))
+        self.by_layer = (TopPerGroup(groups, n_layer, max(buffer, 4 * groups * n_layer))
                          if n_layer > 0 and groups else None)
 
     def update(self, batch: EncodedBatch) -> None:

@@ -3,12 +3,12 @@ experiment writes after training, and its HTML report.
 
 Two passes over the activation store, each of at most ``max_tokens`` rows:
 
-1. the first rows: firing frequencies (as :func:`crosscoders.layers.firing_frequency`
+1. the first rows: firing frequencies (as :func:`crosscoders.layers.profile.firing_frequency`
    counts them), hence which latents are counted, and the layer profiles;
 2. the held-out rows (the store's evaluation split; the first rows again when it has
    none): FVU per layer, pooled over tokens, ``sum ||x_s - xhat_s||^2 / sum ||x_s -
    mean_s||^2``, and the max-activating contexts of up to ``example_latents`` counted
-   latents, overall and per layer (:mod:`crosscoders.layer_examples`).
+   latents, overall and per layer (:mod:`crosscoders.layers.examples`).
 
 Files (:class:`LayerFiles`) and the keys this adds to ``summary.json``
 (:class:`LayerSummary`) are what ``crosscoders report LAYERS_DIR`` reads back.
@@ -26,8 +26,8 @@ from crosscoders.diff.examples import save_examples
 from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import DataError
 from crosscoders.io import atomic_write_text, ensure_dir, read_json
-from crosscoders.layer_examples import LayerExampleCollector, choose_latents
-from crosscoders.layers import LayerProfile, layer_profile
+from crosscoders.layers.examples import LayerExampleCollector, choose_latents
+from crosscoders.layers.profile import LayerProfile, layer_profile
 
 
 class LayerFiles:
