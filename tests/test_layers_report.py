@@ -306,3 +306,17 @@ def test_choose_latents_takes_each_peak_layer_in_turn():
     assert choose_latents(peak, counted, freq, 100).tolist() == list(range(8))
     assert choose_latents(peak, counted, freq, 0).tolist() == []
 
+
+def test_layer_study_refuses_data_of_unknown_length_before_writing(tmp_path):
+    """An iterable of batches has no length (the stage reads by row, twice): a DataError
+    naming the fix, and no output directory left behind."""
+    from crosscoders import Crosscoder as CC
+    from crosscoders import CrosscoderConfig
+    from crosscoders.data import IterableSource
+    from crosscoders.layers import run_layer_study
+
+    model = CC(CrosscoderConfig(n_sources=2, d_model=4, dict_size=8, k=1))
+    batches = [torch.randn(5, 2, 4) for _ in range(3)]
+    with pytest.raises(DataError, match="known length.*crosscoders harvest"):
+        run_layer_study(model, IterableSource(batches), tmp_path / "layers")
+    assert not (tmp_path / "layers").exists()

@@ -22,6 +22,7 @@ import torch
 
 from crosscoders.diff.examples import ExampleCollector, TopPerGroup
 from crosscoders.diff.stats import EncodedBatch
+from crosscoders.model import Crosscoder
 
 #: the ``kind`` of the contexts kept for layer (source) ``s``
 LAYER_KIND = "layer:{}"
@@ -43,8 +44,8 @@ class LayerExampleCollector(ExampleCollector):
     """Analysis-pass consumer: the ``n_top`` strongest activations of each of ``latents``
     and, per layer, the ``n_layer`` (default ``n_top``) largest positive input terms."""
 
-    def __init__(self, model: Any, latents: Any, n_top: int = 10, n_layer: int | None = None,
-                 buffer: int = 1 << 18) -> None:
+    def __init__(self, model: Crosscoder, latents: Any, n_top: int = 10,
+                 n_layer: int | None = None, buffer: int = 1 << 18) -> None:
         super().__init__(model.dict_size, latents, n_top=n_top, n_samples=0, buffer=buffer)
         self.n_sources = int(model.n_sources)
         self.W_enc_FSD = model.W_enc_FSD.detach()
