@@ -20,9 +20,9 @@ import yaml
 
 from crosscoders.cli import main as cli_main
 from crosscoders.errors import DataError
-from crosscoders.layer_examples import choose_latents, layer_of_kind
-from crosscoders.layer_study import LayerFiles, check_comparison, read_comparison
 from crosscoders.layers import firing_frequency
+from crosscoders.layers.examples import choose_latents, layer_of_kind
+from crosscoders.layers.study import LayerFiles, check_comparison, read_comparison
 from crosscoders.model import Crosscoder
 from crosscoders.pipeline.examples import example_text
 from crosscoders.report import build_report, load_layers_data, render_layers_report
@@ -305,3 +305,18 @@ def test_choose_latents_takes_each_peak_layer_in_turn():
     assert choose_latents(peak, counted, freq, 6).tolist() == [1, 2, 3, 4, 6, 7]
     assert choose_latents(peak, counted, freq, 100).tolist() == list(range(8))
     assert choose_latents(peak, counted, freq, 0).tolist() == []
+
+
+def test_layer_study_refuses_data_of_unknown_length_before_writing(tmp_path):
+    """An iterable of batches has no length (the stage reads by row, twice): a DataError
+    naming the fix, and no output directory left behind."""
+    from crosscoders import Crosscoder as CC
+    from crosscoders import CrosscoderConfig
+    from crosscoders.data import IterableSource
+    from crosscoders.layers import run_layer_study
+
+    model = CC(CrosscoderConfig(n_sources=2, d_model=4, dict_size=8, k=1))
+    batches = [torch.randn(5, 2, 4) for _ in range(3)]
+    with pytest.raises(DataError, match="known length.*crosscoders harvest"):
+        run_layer_study(model, IterableSource(batches), tmp_path / "layers")
+    assert not (tmp_path / "layers").exists()

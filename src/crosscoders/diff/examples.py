@@ -36,8 +36,15 @@ from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write
 
 
-class _TopPerGroup:
-    """Keep the ``n`` largest ``score`` entries per group, streaming (payload: value, row)."""
+class TopPerGroup:
+    """The ``n`` largest ``score`` entries of each of ``n_groups`` groups, kept while streaming.
+
+    ``add`` takes candidates (group, score, and the payload: value, row) and keeps only
+    those above their group's current cut-off; once more than ``cap`` are buffered,
+    ``compact`` sorts them, keeps the top ``n`` per group and raises the cut-offs, so the
+    state stays O(n_groups * n + cap). ``compact`` also returns the kept entries (group,
+    score, value, row), by group and then strongest first. Scores are float64.
+    """
 
     def __init__(self, n_groups: int, n: int, cap: int) -> None:
         self.n, self.cap = n, cap
@@ -89,8 +96,8 @@ class ExampleCollector:
         self.pos_F = torch.full((n_latents,), -1, dtype=torch.long)
         self.pos_F[self.latents] = torch.arange(len(idx))
         cap = max(buffer, 4 * len(idx) * max(n_top, n_samples))
-        self.top = _TopPerGroup(len(idx), n_top, cap) if n_top else None
-        self.samples = _TopPerGroup(len(idx), n_samples, cap) if n_samples else None
+        self.top = TopPerGroup(len(idx), n_top, cap) if n_top else None
+        self.samples = TopPerGroup(len(idx), n_samples, cap) if n_samples else None
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, batch: EncodedBatch) -> None:

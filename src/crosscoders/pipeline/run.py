@@ -62,7 +62,7 @@ class PipelineResult:
     @property
     def report_path(self) -> Path | None:
         """The diff report, or the layers report of a one-model experiment."""
-        from crosscoders.layer_study import LayerFiles
+        from crosscoders.layers.study import LayerFiles
 
         outcome = self.stages.get("report")
         if outcome is not None:
@@ -97,7 +97,7 @@ def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordi
         _refuse_foreign_store(out, out / "store")
     comparison = None
     if config.layers.compare is not None:  # a bad file is refused before any work
-        from crosscoders.layer_study import read_comparison
+        from crosscoders.layers.study import read_comparison
 
         comparison = read_comparison(config.layers.compare)
     config.save(out / "pipeline.yaml")
@@ -280,7 +280,7 @@ def _layers(result: PipelineResult, store, section, comparison: dict | None, dev
             progress: bool, log, directory: Path) -> Path:
     from crosscoders.harvest import load_tokenizer
     from crosscoders.harvest.models import resolve_device
-    from crosscoders.layer_study import run_layer_study
+    from crosscoders.layers.study import run_layer_study
     from crosscoders.model import Crosscoder
 
     model = Crosscoder.load(result.run_dir, device=resolve_device(device))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crosscoders.layer_study import fvu_text
+from crosscoders.layers.study import fvu_text
 from crosscoders.pipeline.run import PipelineResult
 
 

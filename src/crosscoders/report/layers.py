@@ -7,7 +7,7 @@ the decoder-norm profile of every latent as a heat map (latents x layers, sortab
 layer and span), persistence histograms, the comparison with per-layer SAEs when present,
 and in each card the latent's layer profile and its contexts per layer.
 
-Files and keys are those of :mod:`crosscoders.layer_study` (:class:`LayerFiles`,
+Files and keys are those of :mod:`crosscoders.layers.study` (:class:`LayerFiles`,
 :class:`LayerSummary`); a layers directory holds ``layers.parquet`` or ``layers.csv``.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from crosscoders.errors import CrosscodersError, DataError
 from crosscoders.io import atomic_write_text, read_json, unreadable
-from crosscoders.layer_examples import layer_of_kind
-from crosscoders.layer_study import LAYER_TABLE_FILES, LayerFiles, LayerSummary, check_comparison
+from crosscoders.layers.examples import layer_of_kind
+from crosscoders.layers.study import LAYER_TABLE_FILES, LayerFiles, LayerSummary, check_comparison
 from crosscoders.report.data import Example, ReportData, clean_json
 from crosscoders.report.load import example_from_stored, find_run_dir, read_metrics
 from crosscoders.report.render import build_payload, html_page
@@ -152,7 +152,7 @@ def layer_examples_from_sqlite(
     path: str | Path, sources: list[str], max_examples: int = 20,
     token_strings: Callable | None = None,
 ) -> tuple[dict[int, list[Example]], dict[int, dict[str, list[Example]]]]:
-    """The contexts of ``layer_study``'s ``examples.db``: (latent -> top contexts, latent ->
+    """The contexts of the layers stage's ``examples.db``: (latent -> top contexts, latent ->
     {layer name -> contexts by that layer's input}), each list strongest first."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:

@@ -25,9 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from crosscoders.data import ActivationSource, as_source, ordered_batches
+from crosscoders.diff.stats import check_model_data
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write, atomic_write_text, ensure_dir
+from crosscoders.model import Crosscoder
 
 
 @dataclass
@@ -60,12 +64,10 @@ class LayerProfile:
         return out
 
 
-def firing_frequency(model: Any, data: Any, max_tokens: int | None = None,
-                     batch_size: int = 4096) -> np.ndarray:
-    """[F] fraction of tokens on which each latent fires (data: tensor [N, S, D], store)."""
-    from crosscoders.data import as_source, ordered_batches
-    from crosscoders.diff.stats import check_model_data
-
+def firing_frequency(model: Crosscoder, data: ActivationSource | Tensor,
+                     max_tokens: int | None = None, batch_size: int = 4096) -> np.ndarray:
+    """[F] fraction of tokens on which each latent fires on the first ``max_tokens`` rows of
+    ``data`` (a tensor [N, S, D], a store, anything :func:`crosscoders.data.as_source` reads)."""
     source = as_source(data)
     check_model_data(model, source)
     count_F = torch.zeros(model.dict_size, dtype=torch.int64)
@@ -86,7 +88,7 @@ def firing_frequency(model: Any, data: Any, max_tokens: int | None = None,
     return (count_F.double() / n).numpy()
 
 
-def layer_profile(model: Any, threshold: float = 0.5, freq_F: np.ndarray | None = None,
+def layer_profile(model: Crosscoder, threshold: float = 0.5, freq_F: np.ndarray | None = None,
                   min_freq: float = 0.0) -> LayerProfile:
     """The layer profile of every latent of a crosscoder whose sources are layers.
 

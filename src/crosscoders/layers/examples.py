@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from crosscoders.diff.examples import ExampleCollector, _TopPerGroup
+from crosscoders.diff.examples import ExampleCollector, TopPerGroup
 from crosscoders.diff.stats import EncodedBatch
+from crosscoders.model import Crosscoder
 
 #: the ``kind`` of the contexts kept for layer (source) ``s``
 LAYER_KIND = "layer:{}"
@@ -43,14 +44,14 @@ class LayerExampleCollector(ExampleCollector):
     """Analysis-pass consumer: the ``n_top`` strongest activations of each of ``latents``
     and, per layer, the ``n_layer`` (default ``n_top``) largest positive input terms."""
 
-    def __init__(self, model: Any, latents: Any, n_top: int = 10, n_layer: int | None = None,
-                 buffer: int = 1 << 18) -> None:
+    def __init__(self, model: Crosscoder, latents: Any, n_top: int = 10,
+                 n_layer: int | None = None, buffer: int = 1 << 18) -> None:
         super().__init__(model.dict_size, latents, n_top=n_top, n_samples=0, buffer=buffer)
         self.n_sources = int(model.n_sources)
         self.W_enc_FSD = model.W_enc_FSD.detach()
         n_layer = n_top if n_layer is None else n_layer
         groups = len(self.latents) * self.n_sources
-        self.by_layer = (_TopPerGroup(groups, n_layer, max(buffer, 4 * groups * n_layer))
+        self.by_layer = (TopPerGroup(groups, n_layer, max(buffer, 4 * groups * n_layer))
                          if n_layer > 0 and groups else None)
 
     def update(self, batch: EncodedBatch) -> None:

@@ -3,12 +3,15 @@ experiment writes after training, and its HTML report.
 
 Two passes over the activation store, each of at most ``max_tokens`` rows:
 
-1. the first rows: firing frequencies (as :func:`crosscoders.layers.firing_frequency`
+1. the first rows: firing frequencies (as :func:`crosscoders.layers.profile.firing_frequency`
    counts them), hence which latents are counted, and the layer profiles;
 2. the held-out rows (the store's evaluation split; the first rows again when it has
    none): FVU per layer, pooled over tokens, ``sum ||x_s - xhat_s||^2 / sum ||x_s -
    mean_s||^2``, and the max-activating contexts of up to ``example_latents`` counted
-   latents, overall and per layer (:mod:`crosscoders.layer_examples`).
+   latents, overall and per layer (:mod:`crosscoders.layers.examples`).
+
+FVU and L0 are :class:`crosscoders.metrics.ReconstructionMetrics`' (through
+:meth:`crosscoders.diff.stats.ActivationStats.summary`), as everywhere else.
 
 Files (:class:`LayerFiles`) and the keys this adds to ``summary.json``
 (:class:`LayerSummary`) are what ``crosscoders report LAYERS_DIR`` reads back.
@@ -21,13 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
+from crosscoders.data import RANDOM_ACCESS_FIX, ActivationSource, as_source
 from crosscoders.diff.examples import save_examples
 from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import DataError
 from crosscoders.io import atomic_write_text, ensure_dir, read_json
-from crosscoders.layer_examples import LayerExampleCollector, choose_latents
-from crosscoders.layers import LayerProfile, layer_profile
+from crosscoders.layers.examples import LayerExampleCollector, choose_latents
+from crosscoders.layers.profile import LayerProfile, layer_profile
+from crosscoders.model import Crosscoder
 
 
 class LayerFiles:
@@ -58,8 +64,8 @@ class LayerSummary:
 
 
 def run_layer_study(
-    model: Any,
-    data: Any,
+    model: Crosscoder,
+    data: ActivationSource | Tensor,
     out_dir: str | Path,
     *,
     threshold: float = 0.5,
@@ -77,22 +83,28 @@ def run_layer_study(
 ) -> LayerProfile:
     """Write the layer profiles, FVU per layer, examples and ``report.html`` to ``out_dir``.
 
-    ``data``: the activation store the crosscoder was trained on (or a tensor [N, S, D]).
+    ``data``: the activation store the crosscoder was trained on (or a tensor [N, S, D],
+    or anything else :func:`crosscoders.data.as_source` reads with a known length).
     ``tokenizer`` (``convert_ids_to_tokens``) stores the examples' text; ``comparison`` is
     the result of ``crosscoders bench layers`` (see :func:`read_comparison`).
     """
     from crosscoders.report.layers import build_layers_report
 
+    source = as_source(data)
+    if source.n_tokens is None:
+        raise DataError("the layers stage reads its data twice and by row, so it needs data "
+                        f"of known length; {RANDOM_ACCESS_FIX}")
     out = ensure_dir(out_dir)
-    n_tokens = int(data.n_tokens if hasattr(data, "n_tokens") else len(data))
+    n_tokens = int(source.n_tokens)
     n_first = min(n_tokens, max_tokens)
     firing = ActivationStats(model.dict_size, model.n_sources, model.d_model)
-    analysis_pass(model, data, [firing], batch_size, 0, n_first, progress=progress,
+    analysis_pass(model, source, [firing], batch_size, 0, n_first, progress=progress,
                   desc="layers: firing")
     freq_F = firing.per_latent()["freq"]
     profile = layer_profile(model, threshold, freq_F, min_freq)
 
-    n_train, n_eval = int(getattr(data, "n_train", n_tokens)), int(getattr(data, "n_eval", 0))
+    n_train = int(getattr(source, "n_train", n_tokens))
+    n_eval = int(getattr(source, "n_eval", 0))
     span = (n_train, n_train + min(n_eval, max_tokens)) if n_eval else (0, n_first)
     evaluated = firing if not n_eval else ActivationStats(model.dict_size, model.n_sources,
                                                           model.d_model)
@@ -104,7 +116,7 @@ def run_layer_study(
     if collector is not None:
         consumers.append(collector)
     if consumers:
-        analysis_pass(model, data, consumers, batch_size, *span, progress=progress,
+        analysis_pass(model, source, consumers, batch_size, *span, progress=progress,
                       desc="layers: held-out" if n_eval else "layers: examples")
 
     stats = evaluated.summary()
@@ -116,7 +128,7 @@ def run_layer_study(
     if run_dir is not None:
         summary[LayerSummary.RUN_DIR] = str(Path(run_dir).resolve())
     if collector is not None:
-        records = collector.finish(model, data, *window, tokenizer=tokenizer,
+        records = collector.finish(model, source, *window, tokenizer=tokenizer,
                                    batch_size=batch_size)
         save_examples(records, out / LayerFiles.EXAMPLES, {"sources": profile.source_names})
         summary[LayerSummary.EXAMPLES] = {
