@@ -58,16 +58,16 @@ class LayerExampleCollector(ExampleCollector):
         super().update(batch)
         if self.by_layer is None:
             return
-        i_E, b_E = batch.codes.latent_E, batch.codes.token_E
-        pos_E = self.pos_F.to(i_E.device)[i_E]
+        latent_E, token_E = batch.codes.latent_E, batch.codes.token_E
+        pos_E = self.pos_F.to(latent_E.device)[latent_E]
         kept = (pos_E >= 0).nonzero().squeeze(1)
         S, D = self.n_sources, batch.x_BSD.shape[-1]
-        layer_S = torch.arange(S, device=i_E.device)
+        layer_S = torch.arange(S, device=latent_E.device)
         for chunk in kept.split(max(1, _CHUNK_ELEMENTS // (S * D))):
-            x_ESD = batch.x_BSD[b_E[chunk]].to(self.W_enc_FSD.dtype)
-            term_ES = (x_ESD * self.W_enc_FSD[i_E[chunk]]).sum(-1)
+            x_ESD = batch.x_BSD[token_E[chunk]].to(self.W_enc_FSD.dtype)
+            term_ES = (x_ESD * self.W_enc_FSD[latent_E[chunk]]).sum(-1)
             g_ES = pos_E[chunk, None] * S + layer_S
-            row_ES = (b_E[chunk] + batch.row0)[:, None].expand(-1, S)
+            row_ES = (token_E[chunk] + batch.row0)[:, None].expand(-1, S)
             positive = term_ES > 0  # a layer that pushes the latent down does not drive it
             score = term_ES[positive].double().cpu()
             self.by_layer.add(g_ES[positive].cpu(), score, score, row_ES[positive].cpu())
