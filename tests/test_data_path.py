@@ -125,3 +125,20 @@ def test_a_failing_window_read_reaches_the_consumer(tmp_path, monkeypatch):
     thread.join(timeout=20)
     assert not thread.is_alive(), "the reader hung instead of raising"
     assert calls and isinstance(result[0], DataError) and "vanished" in str(result[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_threads_change_the_speed_not_the_batches(tmp_path, dtype):
+    """Reads and gathers split over threads (batches large enough to split) give the same
+    rows as one thread, for whole batches and a data-parallel rank's part."""
+    data = np.random.default_rng(2).standard_normal((3000, 2, 8)).astype(np.float32)
+    store = write_store(tmp_path / dtype, data, shard_rows=(1000, 1000, 1000), dtype=dtype)
+    store.chunk_rows, store.window_rows = 40, 900
+    streams = []
+    for threads in (1, 3):
+        store.read_threads = threads
+        for shard in (None, (0, 2)):
+            batches = store.batches(1024, seed=5, start=1, shard=shard)
+            streams.append([next(batches) for _ in range(6)])
+    for one, many in zip(streams[:2], streams[2:], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
