@@ -71,6 +71,7 @@ class ActivationStore:
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._acts: dict[tuple[int, int], np.ndarray] = {}
         self._records: dict[int, np.ndarray] = {}  # shard position -> memory-mapped rows.npy
+        self._data_offsets: dict[tuple[int, int], int] = {}  # (shard, source) -> data offset
         self._lock = threading.Lock()
         self.verify_reads = True
         self._verified: set[int] = set()  # shard positions whose activations were hashed
@@ -478,9 +479,11 @@ class ActivationStore:
 
     def _read_into(self, shard: int, source: int, start: int, out: np.ndarray) -> None:
         path = fmt.shard_dir(self.root, int(self.shards[shard]["index"])) / fmt.acts_name(source)
-        offset, _, dtype = _npy_header(path)
+        offset = self._data_offsets.get((shard, source))
+        if offset is None:  # parsed once per file: small chunks then cost one open and read
+            offset = self._data_offsets.setdefault((shard, source), _npy_header(path)[0])
         with open(path, "rb", buffering=0) as handle:  # unbuffered: one read into ``out``
-            handle.seek(offset + start * self.d_model * dtype.itemsize)
+            handle.seek(offset + start * self.row_bytes // self.n_sources)
             view = memoryview(out).cast("B")
             done = 0
             while done < out.nbytes:  # a raw read may return less than asked
