@@ -134,9 +134,9 @@ def test_batches_resume_at_any_batch_without_reading_earlier_windows(tmp_path, d
     loaded = []
     original = ActivationStore._load_window
 
-    def counting(self, window):
+    def counting(self, window, *args):
         loaded.append((window.epoch, window.index))
-        return original(self, window)
+        return original(self, window, *args)
 
     monkeypatch.setattr(ActivationStore, "_load_window", counting)
     for start in (0, 1, 13, 29):

@@ -24,6 +24,7 @@ from crosscoders.store.shuffle import ShufflePlan, Window
 
 DEFAULT_WINDOW_BYTES = 256 << 20  # memory of one shuffle window (stored dtype)
 DEFAULT_CHUNK_ROWS = 2048  # consecutive rows read together (locality vs shuffle quality)
+DEFAULT_READ_THREADS = min(4, os.cpu_count() or 1)
 
 
 def _npy_header(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
@@ -70,12 +71,14 @@ class ActivationStore:
         self._offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self._acts: dict[tuple[int, int], np.ndarray] = {}
         self._records: dict[int, np.ndarray] = {}  # shard position -> memory-mapped rows.npy
+        self._data_offsets: dict[tuple[int, int], int] = {}  # (shard, source) -> data offset
         self._lock = threading.Lock()
         self.verify_reads = True
         self._verified: set[int] = set()  # shard positions whose activations were hashed
         self._verify_lock = threading.Lock()
         self.window_rows = max(1, DEFAULT_WINDOW_BYTES // self.row_bytes)
         self.chunk_rows = DEFAULT_CHUNK_ROWS
+        self.read_threads = DEFAULT_READ_THREADS  # threads reading and gathering batches
         if eval_tokens is None:
             eval_tokens = manifest.get("eval_tokens", 0)
         self.n_train = self._split(eval_tokens)
@@ -444,37 +447,80 @@ class ActivationStore:
         return torch.from_numpy(self._train_sums[:, :-1] / self.n_train).float()
 
     # -- the trainer's protocol ----------------------------------------------------------------
-    def _load_window(self, window: Window) -> np.ndarray:
-        """The window's rows as [S, n, D] (stored dtype), read with plain sequential reads."""
+    def _load_window(self, window: Window, out: np.ndarray | None = None,
+                     pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+        """The window's rows as [S, n, D] (stored dtype), read with plain sequential reads
+        into ``out`` (reused across windows: no fresh pages to fault in), one read per chunk
+        and source, spread over ``pool``'s threads (file reads release the GIL)."""
         self._check_reads(k for a, b in window.ranges for k in self._shards_of(a, b))
-        buf = np.empty((self.n_sources, window.n_rows, self.d_model), fmt.storage_dtype(self.dtype))
+        buf = self._window_buffer(out, window.n_rows)
+        jobs = []
         pos = 0
         for a, b in window.ranges:
             shard = int(np.searchsorted(self._offsets, a, side="right") - 1)
             while a < b:
                 lo, hi = int(self._offsets[shard]), int(self._offsets[shard + 1])
                 n = min(b, hi) - a
-                for s in range(self.n_sources):
-                    self._read_into(shard, s, a - lo, buf[s, pos : pos + n])
+                jobs += [(shard, s, a - lo, buf[s, pos : pos + n]) for s in range(self.n_sources)]
                 a, pos, shard = a + n, pos + n, shard + 1
+        if pool is None or len(jobs) == 1:
+            for job in jobs:
+                self._read_into(*job)
+        else:  # result() re-raises a failed read here, in the window's thread
+            for future in [pool.submit(self._read_into, *job) for job in jobs]:
+                future.result()
         return buf
+
+    def _window_buffer(self, out: np.ndarray | None, n_rows: int) -> np.ndarray:
+        """[S, n_rows, D] in the stored dtype: a view of ``out`` when it is large enough."""
+        if out is None or out.shape[1] < n_rows:
+            return np.empty((self.n_sources, n_rows, self.d_model), fmt.storage_dtype(self.dtype))
+        return out[:, :n_rows]
 
     def _read_into(self, shard: int, source: int, start: int, out: np.ndarray) -> None:
         path = fmt.shard_dir(self.root, int(self.shards[shard]["index"])) / fmt.acts_name(source)
-        offset, _, dtype = _npy_header(path)
-        with open(path, "rb") as handle:
-            handle.seek(offset + start * self.d_model * dtype.itemsize)
-            if handle.readinto(memoryview(out).cast("B")) != out.nbytes:
-                raise DataError(f"{path} is shorter than its header says; re-harvest the store")
+        offset = self._data_offsets.get((shard, source))
+        if offset is None:  # parsed once per file: small chunks then cost one open and read
+            offset = self._data_offsets.setdefault((shard, source), _npy_header(path)[0])
+        with open(path, "rb", buffering=0) as handle:  # unbuffered: one read into ``out``
+            handle.seek(offset + start * self.row_bytes // self.n_sources)
+            view = memoryview(out).cast("B")
+            done = 0
+            while done < out.nbytes:  # a raw read may return less than asked
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise DataError(f"{path} is shorter than its header says; re-harvest the store")
+                done += got
 
-    def _gather_window(self, data: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        """Rows ``index`` of a [S, n, D] window as float32 [B, S, D]."""
+    def _gather_window(self, data: np.ndarray, index: np.ndarray,
+                       pool: ThreadPoolExecutor | None = None, parts: int = 1) -> torch.Tensor:
+        """Rows ``index`` of a [S, n, D] window as float32 [B, S, D], in ``parts`` row blocks
+        on ``pool`` (numpy's copies release the GIL)."""
         out = np.empty((index.size, self.n_sources, self.d_model), np.float32)
-        for s in range(self.n_sources):
-            fmt.to_float32_numpy(data[s][index], self.dtype, out=out[:, s])
+        bounds = np.linspace(0, index.size, max(1, min(parts, index.size // 256)) + 1).astype(int)
+        blocks = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+        if pool is None or len(blocks) == 1:
+            for a, b in blocks:
+                self._gather_block(data, index[a:b], out[a:b])
+        else:
+            for future in [pool.submit(self._gather_block, data, index[a:b], out[a:b])
+                           for a, b in blocks]:
+                future.result()
         return torch.from_numpy(out)
 
-    def _load_rows(self, window: Window, rows: np.ndarray) -> np.ndarray:
+    def _gather_block(self, data: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
+        if self.dtype == "bfloat16":
+            # bf16 bits are the top half of a float32: copy them widened, shift once (exact).
+            bits = out.view(np.uint32)
+            for s in range(self.n_sources):
+                bits[:, s] = data[s][index]
+            np.left_shift(bits, 16, out=bits)
+        else:
+            for s in range(self.n_sources):
+                fmt.to_float32_numpy(data[s][index], self.dtype, out=out[:, s])
+
+    def _load_rows(self, window: Window, rows: np.ndarray,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``rows`` (sorted indices into the window) as [S, n, D] (stored dtype).
 
         A data-parallel rank reads only its own rows of a window, never the others'.
@@ -485,7 +531,7 @@ class ActivationStore:
         firsts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         which = np.searchsorted(firsts, rows, side="right") - 1
         store_rows = starts[which] + rows - firsts[which]  # ascending, as ranges are
-        buf = np.empty((self.n_sources, rows.size, self.d_model), fmt.storage_dtype(self.dtype))
+        buf = self._window_buffer(out, rows.size)
         shard_of = np.searchsorted(self._offsets, store_rows, side="right") - 1
         for shard in np.unique(shard_of):
             sel = np.nonzero(shard_of == shard)[0]
@@ -495,18 +541,19 @@ class ActivationStore:
         return buf
 
     def _window_part(self, window: Window, offset: int, batch_size: int,
-                     shard: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+                     shard: tuple[int, int] | None, out: np.ndarray | None = None,
+                     pool: ThreadPoolExecutor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The window's rows this rank trains on from ``offset``: (data [S, n, D], the
-        indices into it in the order they are emitted)."""
+        indices into it in the order they are emitted), read into ``out`` when it fits."""
         if shard is None or shard[1] == 1:
-            return self._load_window(window), window.order[offset:]
+            return self._load_window(window, out, pool), window.order[offset:]
         rank, world = shard
         positions = np.arange(offset, window.n_rows, dtype=np.int64)
         stream = window.epoch * self.n_train + window.start + positions
         mine = (stream % batch_size) // (batch_size // world) == rank
         rows = window.order[positions[mine]]
         sorted_rows = np.sort(rows)
-        return self._load_rows(window, sorted_rows), np.searchsorted(sorted_rows, rows)
+        return self._load_rows(window, sorted_rows, out), np.searchsorted(sorted_rows, rows)
 
     def batches(self, batch_size: int, seed: int, start: int = 0,
                 shard: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
@@ -523,21 +570,31 @@ class ActivationStore:
         part = hi - lo
         plan = ShufflePlan(self.n_train, self.chunk_rows, self.window_rows, seed)
         windows = plan.windows_from(start * batch_size)
-        pool = ThreadPoolExecutor(max_workers=1)
+        threads = max(1, self.read_threads)
+        # Two window buffers, reused in turn: one is gathered from while the next window is
+        # read into the other (batches are copies, so a buffer is free once its window ends).
+        rows_max = min(plan.chunks_per_window * plan.chunk_rows, self.n_train)
+        buffers = [self._window_buffer(None, rows_max) for _ in range(2)]
+        loader = ThreadPoolExecutor(max_workers=1)  # reads the next window ahead
+        readers = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
         try:
             window, offset = next(windows)
-            pending = pool.submit(self._window_part, window, offset, batch_size, shard)
+            pending = loader.submit(self._window_part, window, offset, batch_size, shard,
+                                    buffers[0], readers)
+            turn = 0
             pieces: list[torch.Tensor] = []
             have = 0
             while True:
                 data, order = pending.result()
                 next_window, next_offset = next(windows)
-                pending = pool.submit(self._window_part, next_window, next_offset,
-                                      batch_size, shard)
+                turn ^= 1
+                pending = loader.submit(self._window_part, next_window, next_offset,
+                                        batch_size, shard, buffers[turn], readers)
                 offset = 0
                 while offset < order.size:
                     take = min(part - have, order.size - offset)
-                    pieces.append(self._gather_window(data, order[offset : offset + take]))
+                    pieces.append(self._gather_window(data, order[offset : offset + take],
+                                                      readers, threads))
                     offset += take
                     have += take
                     if have == part:
@@ -545,10 +602,12 @@ class ActivationStore:
                         pieces, have = [], 0
                 del data
         finally:
-            try:
-                pool.shutdown(wait=False, cancel_futures=True)
-            except Exception:  # interpreter shutdown: the pool's modules are already gone
-                pass
+            for pool in (loader, readers):
+                try:
+                    if pool is not None:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                except Exception:  # interpreter shutdown: the pool's modules are already gone
+                    pass
 
     def eval_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """The held-out rows, in order, as float32 batches [B, S, D] (the last may be short)."""
