@@ -41,7 +41,7 @@ from crosscoders.bench.planted import (
     PlantedData,
     make_planted_data,
 )
-from crosscoders.bench.synthetic import match_latents, precision_recall
+from crosscoders.bench.synthetic import MatchResult, match_latents, precision_recall
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CATEGORIES, get_thresholds
 from crosscoders.diff.graded import GradedConfig
@@ -190,7 +190,7 @@ def _side(category: str) -> int:
     return 0
 
 
-def graded_scores(categories: np.ndarray, alive: np.ndarray, data: PlantedData, match: Any,
+def graded_scores(categories: np.ndarray, alive: np.ndarray, data: PlantedData, match: MatchResult,
                   fdr: float) -> GradedScore:
     """Score graded ``categories`` [F] (alive latents only) against ``data``'s truth."""
     cats = np.asarray(categories).astype(str)
@@ -243,7 +243,7 @@ class LabelScore:
 
 
 def _score_labels(labels: np.ndarray, alive: np.ndarray, W_FSD: torch.Tensor,
-                  data: PlantedData, match: Any) -> LabelScore:
+                  data: PlantedData, match: MatchResult) -> LabelScore:
     scores = precision_recall(labels, match, data.categories, alive)
     kinds = np.asarray(data.kinds)
     origin: dict[str, dict[str, int]] = {}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from crosscoders.configs import Config
-from crosscoders.data import Head, as_source, ordered_stop
+from crosscoders.data import ActivationData, ActivationSource, Head, as_source, ordered_stop
 from crosscoders.diff.categories import CategoryThresholds
 from crosscoders.diff.examples import ExampleCollector, save_examples
 from crosscoders.diff.graded import GradedConfig, leaning_candidates
@@ -48,6 +48,7 @@ from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write_text, ensure_dir
+from crosscoders.model import Crosscoder
 from crosscoders.store import ActivationStore
 
 
@@ -99,7 +100,7 @@ class DiffConfig(Config):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _source_index(model: Any, store_sources: list[dict], key: int | str) -> int:
+def _source_index(model: Crosscoder, store_sources: list[dict], key: int | str) -> int:
     names = model.config.names
     key = str(key)
     if key in names or key.lstrip("-").isdigit():
@@ -114,7 +115,7 @@ def _source_index(model: Any, store_sources: list[dict], key: int | str) -> int:
     raise ConfigError(f"no source {key!r}; known sources: {', '.join(dict.fromkeys(known))}")
 
 
-def resolve_pair(model: Any, store_sources: list[dict], base: int | str | None,
+def resolve_pair(model: Crosscoder, store_sources: list[dict], base: int | str | None,
                  chat: int | str | None) -> tuple[int, int]:
     """Base and chat source indices (defaults: source 0, and the first source of another
     model at the same site, else source 1)."""
@@ -145,8 +146,8 @@ def _special_ids(cfg: DiffConfig, manifest: dict) -> list[int] | None:
 
 
 def run_diff(
-    crosscoder: Any,
-    data: Any,
+    crosscoder: Crosscoder | str | Path,
+    data: ActivationData,
     out_dir: str | Path,
     config: DiffConfig | None = None,
     models: dict[str, str] | None = None,
@@ -157,7 +158,6 @@ def run_diff(
     activation store (or its directory) or a tensor [N, S, D]. ``models``: model name (as
     in the store manifest) -> local path or hub id; enables causal checks and the lens.
     """
-    from crosscoders import Crosscoder
     from crosscoders.harvest.models import resolve_device
 
     cfg = config or DiffConfig()
@@ -238,7 +238,7 @@ def run_diff(
     return summary
 
 
-def _limit(source: Any, max_tokens: int | None) -> Any:
+def _limit(source: ActivationSource, max_tokens: int | None) -> ActivationSource:
     if max_tokens is None or ordered_stop(source, max_tokens) == source.n_tokens:
         return source
     return Head(source, max_tokens)
@@ -277,7 +277,7 @@ def _load_models(paths: dict[str, str], device: str) -> tuple[dict[str, Any], An
     return loaded, tokenizer
 
 
-def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
+def _causal_inputs(store: ActivationStore, n_contexts: int) -> torch.Tensor:
     """Token ids [B, T] of up to ``n_contexts`` held-out contexts (all of one length)."""
     start = store.n_train if store.n_eval else 0
     meta = store.records(start, store.n_tokens)
@@ -293,8 +293,8 @@ def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
     return torch.as_tensor(np.stack(chosen), dtype=torch.long)
 
 
-def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokenizer: Any,
-                  df: Any, b: int, c: int, out: Path) -> dict[str, Any]:
+def _model_checks(cfg: DiffConfig, model: Crosscoder, store: ActivationStore, loaded: dict,
+                  tokenizer: Any, df: Any, b: int, c: int, out: Path) -> dict[str, Any]:
     from crosscoders.diff.causal import (
         after_marker,
         default_keep,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -75,8 +75,12 @@ from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write, atomic_write_text
 
+if TYPE_CHECKING:
+    from crosscoders.data import ActivationData
+    from crosscoders.model import Crosscoder
 
-def resolve_source(model: Any, source: int | str) -> int:
+
+def resolve_source(model: Crosscoder, source: int | str) -> int:
     """A source index from an index or a source name (``config.source_names``)."""
     names = model.config.names
     if isinstance(source, str) and not source.lstrip("-").isdigit():
@@ -92,13 +96,13 @@ def resolve_source(model: Any, source: int | str) -> int:
     return index % len(names)
 
 
-def normalised_decoder(model: Any) -> torch.Tensor:
+def normalised_decoder(model: Crosscoder) -> torch.Tensor:
     """[F, S, D] decoder in the normalised units the crosscoder was trained in."""
     return (model.W_dec.detach() * model.folded_scale_S.detach()[None, :, None]).cpu()
 
 
 def weight_columns(
-    model: Any,
+    model: Crosscoder,
     base: int | str = 0,
     chat: int | str = 1,
     preset: str | CategoryThresholds = "minder",
@@ -130,7 +134,7 @@ def weight_columns(
     }
 
 
-def designated_latents(model: Any, base: int, chat: int) -> np.ndarray:
+def designated_latents(model: Crosscoder, base: int, chat: int) -> np.ndarray:
     """[F] bool: latents whose base/chat norm ratio is fixed by design (designated shared
     latents with tied decoders, latents masked off either source)."""
     F_ = int(model.dict_size)
@@ -187,8 +191,8 @@ def _json_default(value: Any) -> Any:
 
 
 def latent_table(
-    model: Any,
-    data: Any = None,
+    model: Crosscoder,
+    data: ActivationData | None = None,
     *,
     base: int | str = 0,
     chat: int | str = 1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crosscoders.errors import ConfigError, CrosscodersError
 from crosscoders.pipeline.config import PipelineConfig
@@ -21,6 +21,14 @@ from crosscoders.pipeline.stages import (
 from crosscoders.store import format as store_format
 from crosscoders.train.tracking import check_loggers
 
+if TYPE_CHECKING:
+    from crosscoders.harvest.config import HarvestConfig
+    from crosscoders.model import Crosscoder, CrosscoderConfig
+    from crosscoders.organism.build import Organism
+    from crosscoders.pipeline.config import LayersSection
+    from crosscoders.store import ActivationStore
+    from crosscoders.train.config import TrainConfig
+
 ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
                          "organism:chat_data")
 
@@ -29,7 +37,7 @@ ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
 class PipelineResult:
     out: Path
     stages: dict[str, StageOutcome] = field(default_factory=dict)
-    organism: Any = None
+    organism: Organism | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -49,7 +57,7 @@ class PipelineResult:
     def layers_dir(self) -> Path:
         return self.out / "layers"
 
-    harvest: Any = None  # the harvest config with organism paths resolved
+    harvest: HarvestConfig | None = None  # the harvest config with organism paths resolved
 
     def token_strings(self):
         """id list -> token strings, from the first model's tokenizer (None if unavailable)."""
@@ -255,7 +263,7 @@ def _uses_organism(harvest_cfg) -> bool:
     return any(p in ORGANISM_PLACEHOLDERS for p in paths)
 
 
-def _resolve_organism_paths(harvest_cfg, organism):
+def _resolve_organism_paths(harvest_cfg: HarvestConfig, organism: Organism) -> HarvestConfig:
     paths = {
         "organism:base": str(organism.base_dir),
         "organism:chat": str(organism.chat_dir),
@@ -270,14 +278,16 @@ def _resolve_organism_paths(harvest_cfg, organism):
     return type(harvest_cfg).from_dict(data)
 
 
-def _train(cc_config, store, train_cfg, directory: Path):
+def _train(cc_config: CrosscoderConfig, store: ActivationStore, train_cfg: TrainConfig,
+           directory: Path) -> Crosscoder:
     from crosscoders import train
 
     return train(cc_config, store, train_cfg, run_dir=directory)
 
 
-def _layers(result: PipelineResult, store, section, comparison: dict | None, device: str,
-            progress: bool, log, directory: Path) -> Path:
+def _layers(result: PipelineResult, store: ActivationStore, section: LayersSection,
+            comparison: dict | None, device: str, progress: bool, log,
+            directory: Path) -> Path:
     from crosscoders.harvest import load_tokenizer
     from crosscoders.harvest.models import resolve_device
     from crosscoders.layer_study import run_layer_study

@@ -263,7 +263,8 @@ class SparseStep:
         l0 = float((values_E.detach() > 0).sum()) / B
         return LossTerms(total, recon, zero, auxk, xhat_BSD.detach(), fired_F, l0, min_kept)
 
-    def _auxk(self, model, x_BX, xhat_BX, scores_BF, w_F, dead_F, knobs) -> Tensor:
+    def _auxk(self, model: Crosscoder, x_BX: Tensor, xhat_BX: Tensor, scores_BF: Tensor | None,
+              w_F: Tensor, dead_F: Tensor, knobs: StepKnobs) -> Tensor:
         B = x_BX.shape[0]
         k_aux = min(knobs.auxk_k, int(dead_F.sum()))
         with torch.no_grad():

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crosscoders.data import (
+    ActivationData,
     ActivationSource,
     as_source,
     find_nonfinite,
@@ -59,7 +60,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def train(
     config_or_model: CrosscoderConfig | Crosscoder,
-    data,
+    data: ActivationData,
     train_config: TrainConfig | None = None,
     run_dir: str | Path | None = None,
 ) -> Crosscoder:
