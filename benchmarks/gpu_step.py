@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from collections.abc import Callable
 
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig
+from crosscoders.io import write_json
 from crosscoders.train import Trainer
 from train_step import _RandomSource  # the same timing-neutral source (benchmarks/)
 
@@ -260,9 +260,7 @@ def main() -> None:
             print(f"  train() end to end {r['e2e_tokens_per_s']:,.0f} tok/s vs bare step "
                   f"{r['bare_step_tokens_per_s']:,.0f} tok/s: {r['e2e_over_bare']:.2f}x")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": name, "torch": torch.__version__, "results": results},
-                      handle, indent=2)
+        write_json(args.json, {"device": name, "torch": torch.__version__, "results": results})
 
 
 if __name__ == "__main__":

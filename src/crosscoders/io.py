@@ -116,6 +116,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def write_json(path: str | Path, obj: Any, **dumps_kwargs: Any) -> None:
+    """Write ``obj`` as JSON (``indent=2`` unless given) with a trailing newline, atomically.
+
+    ``dumps_kwargs`` go to :func:`json.dumps` (e.g. ``default=str`` for values JSON lacks).
+    """
+    atomic_write_text(path, json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
+
+
 # ------------------------------------------------------------------------------- reading
 
 

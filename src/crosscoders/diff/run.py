@@ -22,7 +22,6 @@ the training run's metrics wherever the diff was written.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from crosscoders.diff.schema import (
 from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write_text, ensure_dir
+from crosscoders.io import ensure_dir, write_json
 from crosscoders.model import Crosscoder
 from crosscoders.store import ActivationStore
 
@@ -228,13 +227,13 @@ def run_diff(
                Similarity.COLS: [_source_label(store_sources, i) for i in sim_cols],
                Similarity.CKA: sim["cka"].tolist(), Similarity.SVCCA: sim["svcca"].tolist(),
                Similarity.N_TOKENS: ordered_stop(source, cfg.similarity_tokens)}
-    _write_json(out / Files.SIMILARITY, sim_out)
+    write_json(out / Files.SIMILARITY, sim_out, default=_default)
     summary[Summary.SIMILARITY] = {k: sim_out[k] for k in (Similarity.CKA, Similarity.SVCCA)}
 
     # 3. everything that runs the models
     if loaded and store is not None:
         summary.update(_model_checks(cfg, model, store, loaded, tokenizer, table.df, b, c, out))
-    _write_json(out / Files.SUMMARY, summary)
+    write_json(out / Files.SUMMARY, summary, default=_default)
     return summary
 
 
@@ -254,10 +253,6 @@ def _similarity_sources(store_sources: list[dict], b: int, c: int) -> tuple[list
 
 def _source_label(store_sources: list[dict], i: int) -> str:
     return str(store_sources[i].get("name", i)) if i < len(store_sources) else str(i)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_default) + "\n")
 
 
 def _default(value: Any) -> Any:
@@ -337,14 +332,14 @@ def _model_checks(cfg: DiffConfig, model: Crosscoder, store: ActivationStore, lo
               "splice": {_source_label(store.manifest["sources"], s): v
                          for s, v in splice.items()},
               "patch_test": patch, "first_tokens": first_desc}
-    _write_json(out / Files.CAUSAL, causal)
+    write_json(out / Files.CAUSAL, causal, default=_default)
     chat_model = loaded[sources[c].model]
     diff = activation_difference(store, b, c, cfg.lens_positions, progress=cfg.progress)
     lens = {Lens.N_POSITIONS: cfg.lens_positions,
             Lens.COUNT_PER_POSITION: diff["count_P"].tolist(),
             Lens.NORM: float(diff["delta_D"].norm()),
             **lens_tokens(diff["delta_D"], chat_model, tokenizer, cfg.lens_top)}
-    _write_json(out / Files.LENS, lens)
+    write_json(out / Files.LENS, lens, default=_default)
     result = {Summary.CAUSAL: causal,
               Summary.LENS: {k: lens[k] for k in (Lens.NORM, Lens.PROMOTED)}}
     if cfg.steer_prompts:
@@ -355,7 +350,7 @@ def _model_checks(cfg: DiffConfig, model: Crosscoder, store: ActivationStore, lo
             scale = float(df[MAX_ACT].to_numpy()[latent])
             records += steer(chat_model, tokenizer, model, int(latent), c, sources[c],
                              cfg.steer_prompts, scales=[0.0, scale, 2 * scale])
-        _write_json(out / Files.STEERING, records)
+        write_json(out / Files.STEERING, records, default=_default)
         result[Summary.STEERING] = {"file": Files.STEERING,
                                     "latents": [int(i) for i in pick]}
     return result

@@ -15,7 +15,6 @@ The source names (``model.config.names``) appear only in the summary; the table 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +72,7 @@ from crosscoders.diff.schema import (
 )
 from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.io import atomic_write, read_json, write_json
 
 if TYPE_CHECKING:
     from crosscoders.data import ActivationData
@@ -167,8 +166,7 @@ class LatentTable:
         atomic_write(out / Files.LATENTS_PARQUET,
                      lambda tmp: self.df.to_parquet(tmp, index=False))
         atomic_write(out / Files.LATENTS_CSV, lambda tmp: self.df.to_csv(tmp, index=False))
-        atomic_write_text(out / Files.SUMMARY,
-                          json.dumps(self.summary, indent=2, default=_json_default) + "\n")
+        write_json(out / Files.SUMMARY, self.summary, default=_json_default)
         return out
 
     @classmethod
@@ -177,7 +175,7 @@ class LatentTable:
 
         out = Path(out_dir)
         return cls(pd.read_parquet(out / Files.LATENTS_PARQUET),
-                   json.loads((out / Files.SUMMARY).read_text()))
+                   read_json(out / Files.SUMMARY))
 
 
 def _json_default(value: Any) -> Any:

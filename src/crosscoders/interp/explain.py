@@ -13,7 +13,6 @@ into DIFF_DIR; the latent table itself is left as ``diff`` wrote it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -56,7 +55,7 @@ from crosscoders.interp.score import (
     detection_items,
     fuzzing_items,
 )
-from crosscoders.io import atomic_write_text
+from crosscoders.io import write_json
 
 CACHE_FILE = "explain_cache.db"
 #: what a skip caused by an unreadable answer says to do
@@ -306,7 +305,7 @@ def _save(diff_dir: Path, new: dict[int, dict[str, Any]], asker: Asker, n_missin
     summary.update(model=backend.identity, this_run={
         "latents": len(new), "no_examples": n_missing, "negatives_checked": checked,
         "requests_sent": asker.sent, "answers_from_cache": asker.cached})
-    atomic_write_text(diff_dir / SUMMARY_FILE, json.dumps(json_safe(summary), indent=2) + "\n")
+    write_json(diff_dir / SUMMARY_FILE, json_safe(summary))
     return summary
 
 

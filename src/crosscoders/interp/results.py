@@ -8,12 +8,11 @@ scores, the store rows scored, ``skipped`` and ``model``). The latent table writ
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from crosscoders.io import atomic_write_text, read_json
+from crosscoders.io import read_json, write_json
 
 EXPLANATIONS_FILE = "explanations.json"
 SUMMARY_FILE = "explanations_summary.json"
@@ -35,7 +34,7 @@ def read_explanations(diff_dir: str | Path) -> list[dict[str, Any]]:
 def write_explanations(diff_dir: str | Path, records: list[dict[str, Any]]) -> Path:
     path = Path(diff_dir) / EXPLANATIONS_FILE
     ordered = sorted(records, key=lambda r: int(r["latent"]))
-    atomic_write_text(path, json.dumps(json_safe(ordered), indent=1, ensure_ascii=False) + "\n")
+    write_json(path, json_safe(ordered), indent=1, ensure_ascii=False)
     return path
 
 

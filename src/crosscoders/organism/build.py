@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from crosscoders.errors import CrosscodersError
+from crosscoders.io import read_json, write_json
 from crosscoders.organism import corpus, lm
 from crosscoders.organism.config import RECIPE_VERSION, OrganismConfig
 from crosscoders.organism.zoo import OrganismSpec, list_organisms, organism_spec
@@ -47,7 +48,7 @@ class Organism:
     @classmethod
     def load(cls, path: str | Path) -> Organism:
         path = Path(path)
-        metadata = json.loads((path / METADATA).read_text())
+        metadata = read_json(path / METADATA)
         return cls(path, path / "base", path / "chat", path / "data", metadata)
 
     @property
@@ -283,7 +284,7 @@ def _build_base(config: OrganismConfig, out: Path, progress: bool) -> None:
         "build_seconds": time.perf_counter() - start,
         "versions": _versions(),
     }
-    (out / BASE_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_json(out / BASE_METADATA, metadata)
     log.info("organism base built in %.1f s: %s", metadata["build_seconds"], out)
 
 
@@ -292,7 +293,7 @@ def _build(config: OrganismConfig, base_path: Path, out: Path, progress: bool) -
     evaluate both."""
     spec = organism_spec(config.name)
     start = time.perf_counter()
-    base_meta = json.loads((base_path / BASE_METADATA).read_text())
+    base_meta = read_json(base_path / BASE_METADATA)
     with torch_threads(config.threads):
         data = _write_data(config, spec, base_path / "data", out / "data")
         added = _added_words(config, spec)
@@ -413,7 +414,7 @@ def _build(config: OrganismConfig, base_path: Path, out: Path, progress: bool) -
         "base_build_seconds": base_meta["build_seconds"],
         "versions": _versions(),
     }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_json(out / METADATA, metadata)
     log.info("organism %s built in %.1f s: %s", config.name, metadata["build_seconds"], out)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from crosscoders.configs import Config
 from crosscoders.errors import ConfigError
+from crosscoders.io import write_json
 from crosscoders.organism import corpus, lm
 from crosscoders.organism.build import (
     METADATA,
@@ -373,4 +374,4 @@ def _build_real(config: RealOrganismConfig, out: Path, progress: bool) -> None:
         "build_seconds": time.perf_counter() - start,
         "versions": _versions(),
     }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_json(out / METADATA, metadata)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crosscoders.errors import ConfigError, CrosscodersError
+from crosscoders.io import read_json
 from crosscoders.pipeline.config import PipelineConfig
 from crosscoders.pipeline.distributed import Coordinator, coordinator_for
 from crosscoders.pipeline.stages import (
@@ -321,4 +321,4 @@ def _report(result: PipelineResult, directory: Path, section, harvest_cfg) -> Pa
 
 def read_summary(result: PipelineResult) -> dict[str, Any]:
     path = result.diff_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}

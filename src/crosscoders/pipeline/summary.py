@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crosscoders.io import read_json
 from crosscoders.layer_study import fvu_text
 from crosscoders.pipeline.run import PipelineResult
 
@@ -101,7 +101,7 @@ def format_summary(result: PipelineResult,
     for name, outcome in result.stages.items():
         lines.append(f"  {name:9s} {outcome.status:8s} {outcome.directory}")
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path)
         counts = summary.get("counts", {})
         lines.append("latents: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         if "alive_counts" in summary:
@@ -137,7 +137,7 @@ def format_summary(result: PipelineResult,
                              f"fires on: {toks}")
     layers_summary = result.layers_dir / "summary.json"
     if "layers" in result.stages and layers_summary.exists():
-        s = json.loads(layers_summary.read_text())
+        s = read_json(layers_summary)
         spans = ", ".join(f"{k}: {v}" for k, v in s["span_counts"].items())
         lines.append(f"layer profiles: {s['n_counted']} of {s['n_latents']} latents counted "
                      f"({s['counted']})")

@@ -4,7 +4,6 @@ shuffled batches and the analysis's rows, tokens and context windows)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -19,6 +18,7 @@ import torch
 from crosscoders.data.checks import find_nonfinite
 from crosscoders.data.shard import shard_rows
 from crosscoders.errors import DataError
+from crosscoders.io import read_json
 from crosscoders.store import format as fmt
 from crosscoders.store.shuffle import ShufflePlan, Window
 
@@ -100,7 +100,7 @@ class ActivationStore:
         manifest_path = root / fmt.MANIFEST
         if not manifest_path.exists():
             if (root / fmt.PROGRESS).exists():
-                progress = json.loads((root / fmt.PROGRESS).read_text())
+                progress = read_json(root / fmt.PROGRESS, fix="re-harvest the store")
                 raise DataError(
                     f"activation store {root} is incomplete: the harvest stopped after "
                     f"{len(progress.get('shards', []))} shard(s); run the same harvest command "
@@ -108,10 +108,7 @@ class ActivationStore:
                 )
             what = "does not exist" if not root.exists() else "has no manifest.json"
             raise DataError(f"{root} is not an activation store ({what}); harvest one first")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{manifest_path} is corrupt ({err}); re-harvest the store") from None
+        manifest = read_json(manifest_path, fix="re-harvest the store")
         if manifest.get("format") != fmt.FORMAT_NAME:
             raise DataError(f"{manifest_path} is not a {fmt.FORMAT_NAME} manifest")
         if manifest.get("version", 0) > fmt.FORMAT_VERSION:

@@ -35,7 +35,7 @@ from crosscoders.data import (
     sharded_batches,
 )
 from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
-from crosscoders.io import atomic_write, atomic_write_text, read_json
+from crosscoders.io import atomic_write, read_json, write_json
 from crosscoders.metrics import ReconstructionMetrics
 from crosscoders.model import Crosscoder, CrosscoderConfig
 from crosscoders.model.activations import BatchTopK
@@ -410,7 +410,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if saved is None:
                 saved = {**identity, "distributed": self.distributed}
-                atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
+                write_json(run_file, saved)
             _remove_stale_temporaries(self.run_dir)
         if self.dp is not None:
             self.dp.barrier("waiting for rank 0 to open the run directory")
@@ -452,7 +452,7 @@ class Trainer:
             saved["distributed"] = {**now, "history": history + [{"step": self.step, **now}]}
             changed = True
         if changed:
-            atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
+            write_json(run_file, saved)
         if _setup(previous) != _setup(now):
             print(self._resume_note(previous), file=sys.stderr)
 
