@@ -158,6 +158,19 @@ def read_json(path: str | Path, fix: str = "it is damaged: write it again") -> A
         raise unreadable(path, "JSON", err, fix) from None
 
 
+def read_table(path: str | Path, fix: str = "it is damaged: write it again") -> Any:
+    """A Parquet (``.parquet``) or CSV table as a pandas DataFrame; a damaged one raises
+    DataError naming it and ``fix``."""
+    import pandas as pd
+
+    path = Path(path)
+    read = pd.read_parquet if path.suffix == ".parquet" else pd.read_csv
+    try:
+        return read(path)
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise unreadable(path, f"a {path.suffix.lstrip('.')} table", err, fix) from None
+
+
 def read_safetensors(path: str | Path, fix: str | None = None) -> dict[str, Any]:
     """Every tensor of a ``.safetensors`` file; a truncated or foreign file raises DataError."""
     from safetensors import SafetensorError

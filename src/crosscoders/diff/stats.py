@@ -30,6 +30,7 @@ from crosscoders.data import (
     ordered_batches,
     ordered_stop,
 )
+from crosscoders.diff.schema import Summary
 from crosscoders.errors import DataError
 from crosscoders.metrics import ReconstructionMetrics
 from crosscoders.model.sparse import SparseCodes, sparse_decode
@@ -235,9 +236,9 @@ class ActivationStats:
         result = self.metrics.result()
         return {
             "n_tokens": result.n_tokens,
-            "fvu": result.fvu_S,
-            "l0": result.l0,
-            "dead_fraction": result.dead_fraction,
+            Summary.FVU: result.fvu_S,
+            Summary.L0: result.l0,
+            Summary.DEAD_FRACTION: result.dead_fraction,
             "n_special_tokens": self.n_special if self.special is not None else None,
         }
 

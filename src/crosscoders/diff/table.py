@@ -272,7 +272,7 @@ def latent_table(
     )
     cols.update(stats.per_latent())
     rec = stats.summary()
-    rec["fvu"] = {names[s]: v for s, v in enumerate(rec["fvu"])}
+    rec[Summary.FVU] = {names[s]: v for s, v in enumerate(rec[Summary.FVU])}
     summary.update(rec)
     if graded is not None:
         new, summary[Summary.GRADED] = grade(cols, cols[N_FIRES], graded, fixed)

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from crosscoders.diff.schema import LATENT
 from crosscoders.io import read_json, write_json
 
 EXPLANATIONS_FILE = "explanations.json"
@@ -42,13 +43,13 @@ def merge_explanations(df: Any, diff_dir: str | Path) -> Any:
     """The latent table ``df`` with :data:`COLUMNS` from ``explanations.json`` (NaN / None
     for latents not explained); ``df`` unchanged when there is no such file."""
     records = read_explanations(diff_dir)
-    if not records or "latent" not in df.columns:
+    if not records or LATENT not in df.columns:
         return df
     import pandas as pd
 
     by_latent = {int(r["latent"]): r for r in records}
     out = df.copy()
-    ids = [int(i) for i in out["latent"]]
+    ids = [int(i) for i in out[LATENT]]
     present = [c for c in COLUMNS if any(r.get(c) is not None for r in records)]
     for col in present:
         values = [by_latent.get(i, {}).get(col) for i in ids]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crosscoders.diff.schema import Files
 from crosscoders.errors import ConfigError, CrosscodersError
 from crosscoders.io import read_json
 from crosscoders.pipeline.config import PipelineConfig
@@ -184,7 +185,7 @@ def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordi
     report_dir = out / "report"
     stage = run_stage("report", report_dir, config.report.to_dict(), [stage.hash],
                       lambda d: _report(result, d, config.report, harvest_cfg), log,
-                      load=lambda d: d / "report.html")
+                      load=lambda d: d / Files.REPORT)
     result.stages["report"] = stage
     return result
 
@@ -314,11 +315,11 @@ def _report(result: PipelineResult, directory: Path, section, harvest_cfg) -> Pa
 
     tokenizer = load_tokenizer(harvest_cfg.models[0])
     return build_report(result.diff_dir, run_dir=result.run_dir,
-                        out=directory / "report.html", title=section.title,
+                        out=directory / Files.REPORT, title=section.title,
                         max_examples=section.max_examples,
                         token_strings=tokenizer.convert_ids_to_tokens)
 
 
 def read_summary(result: PipelineResult) -> dict[str, Any]:
-    path = result.diff_dir / "summary.json"
+    path = result.diff_dir / Files.SUMMARY
     return read_json(path) if path.exists() else {}
