@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from crosscoders.errors import ConfigError, DataError
-from crosscoders.harvest.capture import SiteReader, _hidden
+from crosscoders.harvest.capture import SiteReader, hidden_states
 from crosscoders.harvest.models import find_blocks
 from crosscoders.harvest.sites import Site
 
@@ -62,7 +62,7 @@ def replace_at_site(model: nn.Module, site: Site, fn: Callable[[Tensor], Tensor]
     block = blocks[site.layer]
 
     def post(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        new = fn(_hidden(output))
+        new = fn(hidden_states(output))
         if isinstance(output, Tensor):
             return new
         if isinstance(output, tuple):

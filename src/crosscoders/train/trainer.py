@@ -178,7 +178,7 @@ class Trainer:
     def run(self) -> Crosscoder:
         resumed = self._open_run_dir()
         if not resumed:
-            self._init_from_data()
+            self.init_from_data()
         if self.dp is not None:  # every rank starts from rank 0's weights, bit for bit
             self.dp.broadcast_([*self.model.state_dict().values(), self.scale_S])
         start_step = self.step if resumed else -1
@@ -208,7 +208,7 @@ class Trainer:
         while self.step < c.steps:
             x_BSD = next(batches)
             x_BSD = x_BSD * self.scale_S.to(x_BSD.dtype)[:, None]
-            terms = self._train_step(x_BSD)
+            terms = self.train_step(x_BSD)
             self.step += 1
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == c.steps:
@@ -224,13 +224,14 @@ class Trainer:
             self._save_checkpoint()
         return self._finish()
 
-    def _train_step(self, x_BSD: Tensor) -> LossTerms:
-        """One optimizer step on a normalised batch."""
+    def train_step(self, x_BSD: Tensor) -> LossTerms:
+        """One optimizer step on a normalised batch [B, S, D] (``run`` calls it per batch;
+        benchmarks time it alone, after :meth:`init_from_data`)."""
         knobs = self.knobs_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         use_sparse = self.is_topk and self.config.sparse_kernels
-        with self._autocast():
+        with self.autocast():
             if use_sparse:
                 terms = self.sparse_step(self.model, x_BSD, knobs)
             else:
@@ -253,7 +254,7 @@ class Trainer:
             fired_F = fired > 0  # fired on any rank: the same dead counters everywhere
         self.model.constrain_grads()
         if self.config.grad_clip:
-            self._clip_gradients(self.config.grad_clip)
+            self.clip_gradients(self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.grad_scale = None
         B = x_BSD.shape[0] * self.world_size
@@ -316,7 +317,7 @@ class Trainer:
         return float(largest)
 
     @torch.no_grad()
-    def _clip_gradients(self, max_norm: float) -> None:
+    def clip_gradients(self, max_norm: float) -> None:
         """Scale gradients to norm ``max_norm`` when above it (as ``clip_grad_norm_``).
 
         With fused Adam the scale is handed to the optimizer kernel (``grad_scale``, the
@@ -333,12 +334,15 @@ class Trainer:
         else:
             torch._foreach_mul_(grads, max_norm / (total + 1e-6))
 
-    def _autocast(self):
+    def autocast(self) -> torch.autocast:
+        """The precision context of a step (bf16 autocast when ``config.autocast`` asks)."""
         enabled = self.config.autocast == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ----------------------------------------------------------------- set-up
-    def _init_from_data(self) -> None:
+    def init_from_data(self) -> None:
+        """Set the normalisation scale from the data (unless given) and, if configured,
+        ``b_dec`` from the data's mean; what a fresh run does before its first step."""
         c = self.config
         sample = None
         if c.normalise and self.scale_S is None:
