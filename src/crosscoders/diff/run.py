@@ -46,7 +46,7 @@ from crosscoders.diff.schema import (
 from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
-from crosscoders.io import ensure_dir, write_json
+from crosscoders.io import ensure_dir, json_default, write_json
 from crosscoders.model import Crosscoder
 from crosscoders.store import ActivationStore
 
@@ -227,13 +227,13 @@ def run_diff(
                Similarity.COLS: [_source_label(store_sources, i) for i in sim_cols],
                Similarity.CKA: sim["cka"].tolist(), Similarity.SVCCA: sim["svcca"].tolist(),
                Similarity.N_TOKENS: ordered_stop(source, cfg.similarity_tokens)}
-    write_json(out / Files.SIMILARITY, sim_out, default=_default)
+    write_json(out / Files.SIMILARITY, sim_out, default=json_default)
     summary[Summary.SIMILARITY] = {k: sim_out[k] for k in (Similarity.CKA, Similarity.SVCCA)}
 
     # 3. everything that runs the models
     if loaded and store is not None:
         summary.update(_model_checks(cfg, model, store, loaded, tokenizer, table.df, b, c, out))
-    write_json(out / Files.SUMMARY, summary, default=_default)
+    write_json(out / Files.SUMMARY, summary, default=json_default)
     return summary
 
 
@@ -253,14 +253,6 @@ def _similarity_sources(store_sources: list[dict], b: int, c: int) -> tuple[list
 
 def _source_label(store_sources: list[dict], i: int) -> str:
     return str(store_sources[i].get("name", i)) if i < len(store_sources) else str(i)
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    return str(value)
 
 
 def _load_models(paths: dict[str, str], device: str) -> tuple[dict[str, Any], Any]:
@@ -332,14 +324,14 @@ def _model_checks(cfg: DiffConfig, model: Crosscoder, store: ActivationStore, lo
               "splice": {_source_label(store.manifest["sources"], s): v
                          for s, v in splice.items()},
               "patch_test": patch, "first_tokens": first_desc}
-    write_json(out / Files.CAUSAL, causal, default=_default)
+    write_json(out / Files.CAUSAL, causal, default=json_default)
     chat_model = loaded[sources[c].model]
     diff = activation_difference(store, b, c, cfg.lens_positions, progress=cfg.progress)
     lens = {Lens.N_POSITIONS: cfg.lens_positions,
             Lens.COUNT_PER_POSITION: diff["count_P"].tolist(),
             Lens.NORM: float(diff["delta_D"].norm()),
             **lens_tokens(diff["delta_D"], chat_model, tokenizer, cfg.lens_top)}
-    write_json(out / Files.LENS, lens, default=_default)
+    write_json(out / Files.LENS, lens, default=json_default)
     result = {Summary.CAUSAL: causal,
               Summary.LENS: {k: lens[k] for k in (Lens.NORM, Lens.PROMOTED)}}
     if cfg.steer_prompts:
@@ -350,7 +342,7 @@ def _model_checks(cfg: DiffConfig, model: Crosscoder, store: ActivationStore, lo
             scale = float(df[MAX_ACT].to_numpy()[latent])
             records += steer(chat_model, tokenizer, model, int(latent), c, sources[c],
                              cfg.steer_prompts, scales=[0.0, scale, 2 * scale])
-        write_json(out / Files.STEERING, records, default=_default)
+        write_json(out / Files.STEERING, records, default=json_default)
         result[Summary.STEERING] = {"file": Files.STEERING,
                                     "latents": [int(i) for i in pick]}
     return result

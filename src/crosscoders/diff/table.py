@@ -72,7 +72,7 @@ from crosscoders.diff.schema import (
 )
 from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write, read_json, write_json
+from crosscoders.io import atomic_write, json_default, read_json, write_json
 
 if TYPE_CHECKING:
     from crosscoders.data import ActivationData
@@ -166,7 +166,7 @@ class LatentTable:
         atomic_write(out / Files.LATENTS_PARQUET,
                      lambda tmp: self.df.to_parquet(tmp, index=False))
         atomic_write(out / Files.LATENTS_CSV, lambda tmp: self.df.to_csv(tmp, index=False))
-        write_json(out / Files.SUMMARY, self.summary, default=_json_default)
+        write_json(out / Files.SUMMARY, self.summary, default=json_default)
         return out
 
     @classmethod
@@ -176,16 +176,6 @@ class LatentTable:
         out = Path(out_dir)
         return cls(pd.read_parquet(out / Files.LATENTS_PARQUET),
                    read_json(out / Files.SUMMARY))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 def latent_table(

@@ -321,14 +321,18 @@ class ActivationStore:
         index = np.asarray(index, dtype=np.int64)
         out = np.empty((index.size, self.n_sources, self.d_model), fmt.storage_dtype(self.dtype))
         order = np.argsort(index, kind="stable")
-        sorted_index = index[order]
-        shard_of = np.searchsorted(self._offsets, sorted_index, side="right") - 1
+        for sel, shard, local in self._by_shard(index[order]):
+            for s in range(self.n_sources):
+                out[order[sel], s] = self._shard_acts(shard, s)[local]
+        return fmt.to_float32(out, self.dtype)
+
+    def _by_shard(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+        """For each shard that ascending store ``rows`` fall in: their positions in ``rows``,
+        the shard, and the rows within it."""
+        shard_of = np.searchsorted(self._offsets, rows, side="right") - 1
         for shard in np.unique(shard_of):
             sel = np.nonzero(shard_of == shard)[0]
-            local = sorted_index[sel] - self._offsets[shard]
-            for s in range(self.n_sources):
-                out[order[sel], s] = self._shard_acts(int(shard), s)[local]
-        return fmt.to_float32(out, self.dtype)
+            yield sel, int(shard), rows[sel] - self._offsets[shard]
 
     # -- tokens and provenance -----------------------------------------------------------------
     def _shard_records(self, position: int) -> np.ndarray:
@@ -483,12 +487,9 @@ class ActivationStore:
         which = np.searchsorted(firsts, rows, side="right") - 1
         store_rows = starts[which] + rows - firsts[which]  # ascending, as ranges are
         buf = np.empty((self.n_sources, rows.size, self.d_model), fmt.storage_dtype(self.dtype))
-        shard_of = np.searchsorted(self._offsets, store_rows, side="right") - 1
-        for shard in np.unique(shard_of):
-            sel = np.nonzero(shard_of == shard)[0]
-            local = store_rows[sel] - self._offsets[shard]
+        for sel, shard, local in self._by_shard(store_rows):
             for s in range(self.n_sources):
-                buf[s, sel] = self._shard_acts(int(shard), s)[local]
+                buf[s, sel] = self._shard_acts(shard, s)[local]
         return buf
 
     def _window_part(self, window: Window, offset: int, batch_size: int,
