@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crosscoders.cli.flags import Field, Option, add_flags, overrides
 from crosscoders.cli.shared import NO_PROGRESS
 from crosscoders.errors import ConfigError
 from crosscoders.interp.explain import ExplainConfig
+
+if TYPE_CHECKING:
+    from crosscoders.interp.backends import Backend
+    from crosscoders.interp.contexts import ActivationCheck
 
 DIFF_FLAGS = (
     Option("diff_dir", help="output directory of `crosscoders diff` (latent table + "
@@ -65,7 +69,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _backend(args: argparse.Namespace) -> Any:
+def _backend(args: argparse.Namespace) -> Backend:
     from crosscoders.interp.backends import EndpointBackend, LocalBackend
 
     if args.local and (args.api_base or args.model):
@@ -79,7 +83,7 @@ def _backend(args: argparse.Namespace) -> Any:
     return EndpointBackend(args.api_base, args.model, args.api_key, timeout=args.timeout)
 
 
-def _check(args: argparse.Namespace) -> Any:
+def _check(args: argparse.Namespace) -> ActivationCheck | None:
     if not args.crosscoder:
         if args.store:
             raise ConfigError("--store is used only with --crosscoder RUN_DIR; add it or "
