@@ -139,12 +139,12 @@ def train_vs_step(store: ActivationStore, threads: int) -> dict[str, float]:
     tc = TrainConfig(steps=10**6, batch_size=B, progress=False, eval_tokens=0,
                      norm_sample_tokens=B, device="cpu")
     trainer = Trainer(Crosscoder(cfg), store, tc)
-    trainer._init_from_data()
+    trainer.init_from_data()
     x_BSD = next(store.batches(B, seed=0))
-    trainer._train_step(x_BSD)
+    trainer.train_step(x_BSD)
     start = time.perf_counter()
     for _ in range(20):
-        trainer._train_step(x_BSD)
+        trainer.train_step(x_BSD)
     step_s = (time.perf_counter() - start) / 20
     return {"train_tok_s": B / train_s, "step_tok_s": B / step_s, "ratio": step_s / train_s}
 

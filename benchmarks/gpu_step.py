@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from collections.abc import Callable
 
 import torch
 
 from crosscoders import Crosscoder, CrosscoderConfig, TrainConfig
+from crosscoders.io import write_json
 from crosscoders.train import Trainer
-from train_step import _RandomSource  # the same timing-neutral source (benchmarks/)
+from train_step import RandomSource  # the same timing-neutral source (benchmarks/)
 
 CONFIGS = {
     "G": dict(S=2, D=2304, F=73728, B=4096, k=100),
@@ -76,8 +76,8 @@ def _trainer(model: Crosscoder, S, D, B, device, sparse: bool, autocast: str) ->
     tc = TrainConfig(steps=10**6, batch_size=B, sparse_kernels=sparse, progress=False,
                      eval_tokens=0, norm_sample_tokens=B, device=str(device),
                      autocast=autocast, screen="off")
-    trainer = Trainer(copy.deepcopy(model), _RandomSource(S, D), tc)
-    trainer._init_from_data()
+    trainer = Trainer(copy.deepcopy(model), RandomSource(S, D), tc)
+    trainer.init_from_data()
     return trainer
 
 
@@ -102,7 +102,7 @@ def bench_config(name: str, S, D, F, B, k, repeats: int, device: torch.device,
         _reset_peak(device)
         trainer = _trainer(model, S, D, B, device, sparse, autocast)
         reps = repeats if sparse else max(3, repeats // 3)
-        result[f"{label}_ms"] = timer.median_ms(lambda t=trainer: t._train_step(x_BSD), reps)
+        result[f"{label}_ms"] = timer.median_ms(lambda t=trainer: t.train_step(x_BSD), reps)
         result[f"{label}_peak_gb"] = _peak_gb(device)
         if breakdown and label in ("ours_fp32", "ours_bf16"):
             result[f"{label}_parts_ms"] = _breakdown(trainer, x_BSD, timer, repeats)
@@ -151,12 +151,12 @@ def _breakdown(trainer: Trainer, x_BSD, timer: _Timer, repeats: int) -> dict:
     B, S, D = x_BSD.shape
     x_BX = x_BSD.reshape(B, -1)
     parts = {}
-    with trainer._autocast():
+    with trainer.autocast():
         with torch.no_grad():
             w_F = model.decoder_norm_weights()
-            parts["select"] = timer.median_ms(lambda: step._select(model, x_BX, w_F, knobs),
+            parts["select"] = timer.median_ms(lambda: step.select(model, x_BX, w_F, knobs),
                                               repeats)
-            selected, _, _ = step._select(model, x_BX, w_F, knobs)
+            selected, _, _ = step.select(model, x_BX, w_F, knobs)
         token_idx, latent_idx, pre_E = selected.token_E, selected.latent_E, selected.value_E
 
         def forward():
@@ -176,7 +176,7 @@ def _breakdown(trainer: Trainer, x_BSD, timer: _Timer, repeats: int) -> dict:
         parts["sparse_fwd_bwd"] = timer.median_ms(forward_backward, repeats)
     parts.update(_decode_alternatives(model, token_idx, latent_idx, pre_E, B, timer, repeats))
     forward_backward()
-    parts["clip"] = timer.median_ms(lambda: trainer._clip_gradients(1e-30), repeats)
+    parts["clip"] = timer.median_ms(lambda: trainer.clip_gradients(1e-30), repeats)
     trainer.optimizer.grad_scale = None
     parts["adam"] = timer.median_ms(trainer.optimizer.step, repeats)
     return parts
@@ -260,9 +260,7 @@ def main() -> None:
             print(f"  train() end to end {r['e2e_tokens_per_s']:,.0f} tok/s vs bare step "
                   f"{r['bare_step_tokens_per_s']:,.0f} tok/s: {r['e2e_over_bare']:.2f}x")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": name, "torch": torch.__version__, "results": results},
-                      handle, indent=2)
+        write_json(args.json, {"device": name, "torch": torch.__version__, "results": results})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def _median_ms(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2] * 1000
 
 
-class _RandomSource(ActivationSource):
+class RandomSource(ActivationSource):
     """Endless Gaussian batches [B, S, D] (timing does not depend on the data); no rows in
     order, so the protocol's defaults refuse the analysis's reads."""
 
@@ -68,8 +68,8 @@ def _trainer(S, D, F, B, k, sparse: bool, screen: str = "auto",
     cfg = CrosscoderConfig(n_sources=S, d_model=D, dict_size=F, k=k, activation=activation)
     tc = TrainConfig(steps=10**6, batch_size=B, sparse_kernels=sparse, progress=False,
                      eval_tokens=0, norm_sample_tokens=B, screen=screen)
-    trainer = Trainer(Crosscoder(cfg), _RandomSource(S, D), tc)
-    trainer._init_from_data()
+    trainer = Trainer(Crosscoder(cfg), RandomSource(S, D), tc)
+    trainer.init_from_data()
     return trainer
 
 
@@ -81,7 +81,7 @@ def bench_config(S, D, F, B, k, repeats: int, activation: str = "batchtopk") -> 
     for name, sparse, screen in (("ours", True, "auto"), ("no_screen", True, "off"),
                                  ("dense", False, "off")):
         trainer = _trainer(S, D, F, B, k, sparse, screen, activation)
-        times[name] = _median_ms(lambda t=trainer: t._train_step(x_BSD),
+        times[name] = _median_ms(lambda t=trainer: t.train_step(x_BSD),
                                  repeats if sparse else max(2, repeats // 2))
         times[f"{name}_screened"] = trainer.sparse_step.screen
         del trainer
@@ -110,7 +110,7 @@ def peak_rss_training_a(steps: int = 10) -> float:
     proc = psutil.Process()
     peak = [proc.memory_info().rss]
 
-    class Watched(_RandomSource):
+    class Watched(RandomSource):
         def batches(self, batch_size, seed, start=0):
             for batch in super().batches(batch_size, seed, start):
                 peak[0] = max(peak[0], proc.memory_info().rss)

@@ -192,14 +192,14 @@ def test_wandb_run_is_continued_by_id_and_skips_steps_it_holds(tmp_path, monkeyp
     stub.Histogram = lambda np_histogram: ("histogram", np_histogram)
     monkeypatch.setitem(sys.modules, "wandb", stub)
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    stop_at, step = [9], Trainer._train_step
+    stop_at, step = [9], Trainer.train_step
 
     def train_step(self, x_BSD):
         if self.step == stop_at[0]:
             raise KeyboardInterrupt
         return step(self, x_BSD)
 
-    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
     acts, _ = planted_acts(n=2048)
     run_dir = tmp_path / "run"
     tc = TrainConfig(steps=20, loggers=["wandb"], **FAST)
@@ -260,14 +260,14 @@ RUNNER = textwrap.dedent("""
     from crosscoders.train.trainer import Trainer
 
     kill_at = int(sys.argv[2])
-    step = Trainer._train_step
+    step = Trainer.train_step
 
     def train_step(self, x_BSD):  # SIGKILL itself: no clean-up, no flush, like a crash
         if self.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return step(self, x_BSD)
 
-    Trainer._train_step = train_step
+    Trainer.train_step = train_step
     acts, _ = planted_acts(n=2048)
     cfg = CrosscoderConfig(n_sources=2, d_model=16, dict_size=64, k=4,
                            source_names=["base", "chat"])

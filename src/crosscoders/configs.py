@@ -183,15 +183,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        text = (
-            yaml.safe_dump(self.to_dict(), sort_keys=False)
-            if path.suffix in (".yaml", ".yml")
-            else json.dumps(self.to_dict(), indent=2) + "\n"
-        )
-        from crosscoders.io import atomic_write_text
+        from crosscoders.io import atomic_write_text, write_json
 
-        atomic_write_text(path, text)
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            write_json(path, self.to_dict())
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:

@@ -34,12 +34,7 @@ def check_dir_path(path: str | Path, what: str = "--out") -> Path:
             f"{what} {path} is a file, not a directory; give a directory path (new or "
             "existing), or move the file away"
         )
-    blocker = file_in_the_way(path)
-    if blocker is not None:
-        raise CrosscodersError(
-            f"{what} {path} cannot be created: {blocker} is a file, not a directory; choose "
-            "another path"
-        )
+    _refuse_below_a_file(path, what, "created")
     return path
 
 
@@ -50,13 +45,17 @@ def check_file_path(path: str | Path, what: str = "--out") -> Path:
         raise CrosscodersError(
             f"{what} {path} is a directory; give a file path, e.g. {path / 'out'}"
         )
+    _refuse_below_a_file(path, what, "written")
+    return path
+
+
+def _refuse_below_a_file(path: Path, what: str, done: str) -> None:
     blocker = file_in_the_way(path)
     if blocker is not None:
         raise CrosscodersError(
-            f"{what} {path} cannot be written: {blocker} is a file, not a directory; choose "
+            f"{what} {path} cannot be {done}: {blocker} is a file, not a directory; choose "
             "another path"
         )
-    return path
 
 
 def ensure_dir(path: str | Path, what: str = "output directory") -> Path:
@@ -116,6 +115,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def write_json(path: str | Path, obj: Any, **dumps_kwargs: Any) -> None:
+    """Write ``obj`` as JSON (``indent=2`` unless given) with a trailing newline, atomically.
+
+    ``dumps_kwargs`` go to :func:`json.dumps` (e.g. ``default=str`` for values JSON lacks).
+    """
+    atomic_write_text(path, json.dumps(obj, **{"indent": 2, **dumps_kwargs}) + "\n")
+
+
+def json_default(value: Any) -> Any:
+    """``default=`` for :func:`write_json` where results hold numpy or torch values: scalars
+    as numbers, arrays and tensors as lists, anything else as its ``str``."""
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
+        return value.tolist()
+    return str(value)
+
+
 # ------------------------------------------------------------------------------- reading
 
 
@@ -148,6 +163,19 @@ def read_json(path: str | Path, fix: str = "it is damaged: write it again") -> A
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise unreadable(path, "JSON", err, fix) from None
+
+
+def read_table(path: str | Path, fix: str = "it is damaged: write it again") -> Any:
+    """A Parquet (``.parquet``) or CSV table as a pandas DataFrame; a damaged one raises
+    DataError naming it and ``fix``."""
+    import pandas as pd
+
+    path = Path(path)
+    read = pd.read_parquet if path.suffix == ".parquet" else pd.read_csv
+    try:
+        return read(path)
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise unreadable(path, f"a {path.suffix.lstrip('.')} table", err, fix) from None
 
 
 def read_safetensors(path: str | Path, fix: str | None = None) -> dict[str, Any]:

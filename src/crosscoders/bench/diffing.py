@@ -41,11 +41,19 @@ from crosscoders.bench.planted import (
     PlantedData,
     make_planted_data,
 )
-from crosscoders.bench.synthetic import match_latents, precision_recall
+from crosscoders.bench.synthetic import MatchResult, match_latents, precision_recall
 from crosscoders.configs import Config
 from crosscoders.diff.categories import CATEGORIES, get_thresholds
 from crosscoders.diff.graded import GradedConfig
 from crosscoders.diff.latent_scaling import TrulyExclusiveRule
+from crosscoders.diff.schema import (
+    CATEGORY,
+    FREQ,
+    PRESET_CATEGORY,
+    TRULY_BASE_ONLY,
+    TRULY_CHAT_ONLY,
+    Summary,
+)
 from crosscoders.diff.table import latent_table, normalised_decoder
 from crosscoders.errors import ConfigError
 
@@ -190,7 +198,7 @@ def _side(category: str) -> int:
     return 0
 
 
-def graded_scores(categories: np.ndarray, alive: np.ndarray, data: PlantedData, match: Any,
+def graded_scores(categories: np.ndarray, alive: np.ndarray, data: PlantedData, match: MatchResult,
                   fdr: float) -> GradedScore:
     """Score graded ``categories`` [F] (alive latents only) against ``data``'s truth."""
     cats = np.asarray(categories).astype(str)
@@ -243,7 +251,7 @@ class LabelScore:
 
 
 def _score_labels(labels: np.ndarray, alive: np.ndarray, W_FSD: torch.Tensor,
-                  data: PlantedData, match: Any) -> LabelScore:
+                  data: PlantedData, match: MatchResult) -> LabelScore:
     scores = precision_recall(labels, match, data.categories, alive)
     kinds = np.asarray(data.kinds)
     origin: dict[str, dict[str, int]] = {}
@@ -264,10 +272,10 @@ def _score_labels(labels: np.ndarray, alive: np.ndarray, W_FSD: torch.Tensor,
 def with_latent_scaling(df: Any) -> np.ndarray:
     """The preset's labels after Latent Scaling: exclusive latents that are not truly
     exclusive (or were not scaled) become ``shared``."""
-    column = "preset_category" if "preset_category" in df else "category"
+    column = PRESET_CATEGORY if PRESET_CATEGORY in df else CATEGORY
     labels = df[column].to_numpy().astype(object)
-    truly = {"chat_only": df["truly_chat_only"].to_numpy(),
-             "base_only": df["truly_base_only"].to_numpy()}
+    truly = {"chat_only": df[TRULY_CHAT_ONLY].to_numpy(),
+             "base_only": df[TRULY_BASE_ONLY].to_numpy()}
     for label in EXCLUSIVE:
         labels[(labels == label) & ~truly[label]] = "shared"
     return labels.astype(str)
@@ -304,26 +312,26 @@ def run_diffing_benchmark(cfg: DiffingBenchConfig | None = None, progress: bool 
         table = latent_table(model, data.acts_NSD, preset=cfg.preset, rule=cfg.rule,
                              latent_scaling="auto", progress=progress, graded=cfg.graded)
         df = table.df
-        alive = df["freq"].to_numpy() > 0
+        alive = df[FREQ].to_numpy() > 0
         W = normalised_decoder(model)
         match = match_latents(W, data.directions_PSD, threshold=cfg.match_threshold)
-        preset_labels = df["preset_category" if cfg.graded else "category"].to_numpy()
+        preset_labels = df[PRESET_CATEGORY if cfg.graded else CATEGORY].to_numpy()
         plain = _score_labels(preset_labels.astype(str), alive, W, data, match)
         scaled = _score_labels(with_latent_scaling(df), alive, W, data, match)
         out["results"][activation] = {
-            "fvu": table.summary["fvu"],
-            "l0": table.summary["l0"],
+            "fvu": table.summary[Summary.FVU],
+            "l0": table.summary[Summary.L0],
             "alive": int(alive.sum()),
             "recovery": match.recovery,
             "train_seconds": seconds,
-            "latent_scaling": table.summary.get("latent_scaling"),
+            "latent_scaling": table.summary.get(Summary.LATENT_SCALING),
             "labels": {"rel_norm": _to_dict(plain), "latent_scaling": _to_dict(scaled)},
         }
         if cfg.graded is not None:
             out["results"][activation]["graded"] = graded_scores(
-                df["category"].to_numpy(), alive, data, match, cfg.graded.fdr).to_dict()
+                df[CATEGORY].to_numpy(), alive, data, match, cfg.graded.fdr).to_dict()
             out["results"][activation]["graded_counts"] = {
-                k: v for k, v in table.summary["counts"].items() if v}
+                k: v for k, v in table.summary[Summary.COUNTS].items() if v}
     return out
 
 

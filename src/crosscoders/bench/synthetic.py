@@ -15,7 +15,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from crosscoders.diff.categories import (
     get_thresholds,
 )
 from crosscoders.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from crosscoders.model import Crosscoder
 
 MISSED = "missed"
 
@@ -347,7 +350,7 @@ BENCH_DEFAULTS: dict[str, Any] = {
 
 @torch.no_grad()
 def _evaluate(
-    model: Any, x_NSD: torch.Tensor, batch: int = 4096
+    model: Crosscoder, x_NSD: torch.Tensor, batch: int = 4096
 ) -> tuple[list[float], float, np.ndarray]:
     """FVU per source (pooled over tokens), mean L0, and which latents fired."""
     from crosscoders.metrics import ReconstructionMetrics

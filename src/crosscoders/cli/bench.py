@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from crosscoders.bench.diffing import DiffingBenchConfig
@@ -11,7 +10,7 @@ from crosscoders.bench.planted import PlantedConfig
 from crosscoders.cli.flags import Field, Option, add_flags, apply, overrides
 from crosscoders.cli.shared import JSON, PRESET_CHOICES
 from crosscoders.errors import CrosscodersError
-from crosscoders.io import atomic_write_text, check_file_path
+from crosscoders.io import check_file_path, write_json
 
 SYNTHETIC_FLAGS = (
     Option("--activations", nargs="+", default=["relu", "batchtopk"],
@@ -84,7 +83,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
     print(format_benchmark_table(result))
     if args.json:
         data = result if isinstance(result, dict) else getattr(result, "to_dict", lambda: {})()
-        atomic_write_text(args.json, json.dumps(data, indent=2, default=str) + "\n")
+        write_json(args.json, data, default=str)
     return 0
 
 
@@ -101,7 +100,7 @@ def run_diffing(args: argparse.Namespace) -> int:
     result = run_diffing_benchmark(cfg, progress=args.progress)
     print(format_diffing_table(result))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
+        write_json(args.json, result, default=float)
     return 0
 
 
@@ -125,5 +124,5 @@ def run_layers(args: argparse.Namespace) -> int:
     result = compare_with_per_layer_saes(acts, steps=args.steps, seed=args.seed)
     print(format_comparison(result))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0

@@ -10,8 +10,10 @@ from typing import Any
 from crosscoders.cli.flags import Field, Option, add_flags, apply, overrides
 from crosscoders.cli.shared import NO_PROGRESS, PRESET_CHOICES
 from crosscoders.diff.run import DiffConfig
+from crosscoders.diff.schema import TABLE_FILES, Summary
 from crosscoders.errors import ConfigError
 from crosscoders.io import check_dir_path, read_json
+from crosscoders.model.crosscoder import CONFIG_FILE
 
 FLAGS = (
     Option("run_dir", help="crosscoder directory (config.json + model.safetensors)"),
@@ -74,7 +76,7 @@ def parse_models(values: list[str] | None, manifest: dict[str, Any]) -> dict[str
 def default_store(run_dir: str) -> str:
     """The activation store ``run_dir``'s crosscoder was trained on, if it records one that
     exists here."""
-    config = Path(run_dir) / "config.json"
+    config = Path(run_dir) / CONFIG_FILE
     if config.is_file():
         meta = read_json(config, "the crosscoder directory is damaged: save it again, or "
                                  "pass --store STORE_DIR")
@@ -95,11 +97,11 @@ def _weights_only(run_dir: str, out: str, cfg: DiffConfig) -> int:
     base = 0 if cfg.base is None else cfg.base
     chat = 1 if cfg.chat is None else cfg.chat
     table = latent_table(model, None, base=base, chat=chat, preset=cfg.thresholds or cfg.preset)
-    table.summary["weights_only"] = True
+    table.summary[Summary.WEIGHTS_ONLY] = True
     table.save(out)
-    counts = ", ".join(f"{k} {v}" for k, v in table.summary["counts"].items())
+    counts = ", ".join(f"{k} {v}" for k, v in table.summary[Summary.COUNTS].items())
     print(f"latents (from the weights only): {counts}")
-    print(f"wrote {out}/latents.parquet, latents.csv, summary.json")
+    print(f"wrote {out}/{', '.join(TABLE_FILES)}")
     return 0
 
 
@@ -118,11 +120,11 @@ def run(args: argparse.Namespace) -> int:
     store = ActivationStore.open(args.store or default_store(args.run_dir))
     models = parse_models(args.models, store.manifest)
     summary = run_diff(args.run_dir, store, args.out, cfg, models)
-    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
-    fvu = ", ".join(f"{k} {v:.3f}" for k, v in summary["fvu"].items())
-    print(f"latents: {counts}; FVU {fvu}; L0 {summary['l0']:.1f}; "
-          f"dead {summary['dead_fraction']:.1%}")
-    ls = summary.get("latent_scaling")
+    counts = ", ".join(f"{k} {v}" for k, v in summary[Summary.COUNTS].items())
+    fvu = ", ".join(f"{k} {v:.3f}" for k, v in summary[Summary.FVU].items())
+    print(f"latents: {counts}; FVU {fvu}; L0 {summary[Summary.L0]:.1f}; "
+          f"dead {summary[Summary.DEAD_FRACTION]:.1%}")
+    ls = summary.get(Summary.LATENT_SCALING)
     if ls:
         print(f"truly chat-only: {ls['n_truly_chat_only']} of {ls['n_chat_only_scaled']} "
               f"chat-only latents (nu_r < {ls['rule']['nu_r_max']}, "

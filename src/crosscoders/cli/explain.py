@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crosscoders.cli.flags import Field, Option, add_flags, overrides
 from crosscoders.cli.shared import NO_PROGRESS
 from crosscoders.errors import ConfigError
 from crosscoders.interp.explain import ExplainConfig
+
+if TYPE_CHECKING:
+    from crosscoders.interp.backends import Backend
+    from crosscoders.interp.contexts import ActivationCheck
 
 DIFF_FLAGS = (
     Option("diff_dir", help="output directory of `crosscoders diff` (latent table + "
@@ -65,7 +69,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _backend(args: argparse.Namespace) -> Any:
+def _backend(args: argparse.Namespace) -> Backend:
     from crosscoders.interp.backends import EndpointBackend, LocalBackend
 
     if args.local and (args.api_base or args.model):
@@ -79,36 +83,34 @@ def _backend(args: argparse.Namespace) -> Any:
     return EndpointBackend(args.api_base, args.model, args.api_key, timeout=args.timeout)
 
 
-def _check(args: argparse.Namespace) -> Any:
+def _check(args: argparse.Namespace) -> ActivationCheck | None:
     if not args.crosscoder:
         if args.store:
             raise ConfigError("--store is used only with --crosscoder RUN_DIR; add it or "
                               "drop --store")
         return None
     from crosscoders import Crosscoder
+    from crosscoders.diff.schema import Files, Summary
     from crosscoders.interp.contexts import ActivationCheck
     from crosscoders.io import read_json
     from crosscoders.store import ActivationStore
 
     store = args.store
     if store is None:
-        summary = read_json(Path(args.diff_dir) / "summary.json",
+        summary = read_json(Path(args.diff_dir) / Files.SUMMARY,
                             "re-run `crosscoders diff`, or pass --store STORE_DIR")
-        store = (summary.get("data") or {}).get("path") if isinstance(summary, dict) else None
+        data = summary.get(Summary.DATA) if isinstance(summary, dict) else None
+        store = (data or {}).get("path")
         if not store or not Path(store).is_dir():
-            raise ConfigError(f"{args.diff_dir}/summary.json records no store that exists "
+            raise ConfigError(f"{args.diff_dir}/{Files.SUMMARY} records no store that exists "
                               "here; pass --store STORE_DIR")
     return ActivationCheck(Crosscoder.load(args.crosscoder), ActivationStore.open(store),
                            device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:
-    from crosscoders.interp.explain import (
-        explain_latents,
-        format_summary,
-        read_table,
-        select_latents,
-    )
+    from crosscoders.diff.schema import read_latent_table
+    from crosscoders.interp.explain import explain_latents, format_summary, select_latents
     from crosscoders.interp.prompts import Prompts
     from crosscoders.interp.results import EXPLANATIONS_FILE, SUMMARY_FILE
 
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.diff_dir} is not a directory; pass the output directory of "
                           "`crosscoders diff`")
     # the cheap checks first: a bad --latents fails before a model is loaded
-    select_latents(args.latents, read_table(Path(args.diff_dir)), cfg.max_latents, cfg.seed)
+    select_latents(args.latents, read_latent_table(args.diff_dir), cfg.max_latents, cfg.seed)
     tokenizer = None
     if args.tokenizer:
         from crosscoders.harvest.config import ModelSpec

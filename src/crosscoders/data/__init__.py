@@ -20,12 +20,13 @@ from crosscoders.data.iterable import IterableSource
 from crosscoders.data.ordered import Head, StreamCursor, ordered_batches, ordered_stop
 from crosscoders.data.protocol import RANDOM_ACCESS_FIX, ActivationSource
 from crosscoders.data.shard import cut_batches, shard_rows, sharded_batches
-from crosscoders.data.source import as_source
+from crosscoders.data.source import ActivationData, as_source
 from crosscoders.data.tensor import TensorSource
 
 __all__ = [
     "FINGERPRINT_ROWS",
     "RANDOM_ACCESS_FIX",
+    "ActivationData",
     "ActivationSource",
     "Head",
     "IterableSource",

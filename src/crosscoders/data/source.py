@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -15,9 +14,13 @@ from crosscoders.data.protocol import ActivationSource
 from crosscoders.data.tensor import TensorSource
 from crosscoders.errors import DataError
 
+#: what :func:`as_source` reads: a tensor or array [N, S, D], a ``.safetensors``/``.pt``/
+#: ``.npy`` file, an activation-store directory, an iterable of [B, S, D] batches, or a source
+ActivationData = Tensor | np.ndarray | str | Path | ActivationSource | Iterable[Tensor]
+
 
 def as_source(
-    data: Any,
+    data: ActivationData,
     n_eval: int = 0,
     batch_size: int = 1,
     token_ids: Tensor | np.ndarray | Sequence[int] | None = None,

@@ -19,16 +19,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from crosscoders.errors import ConfigError, DataError
-from crosscoders.harvest.capture import SiteReader, _hidden
+from crosscoders.harvest.capture import SiteReader, hidden_states
 from crosscoders.harvest.models import find_blocks
 from crosscoders.harvest.sites import Site
+
+if TYPE_CHECKING:
+    from crosscoders.model import Crosscoder
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ def replace_at_site(model: nn.Module, site: Site, fn: Callable[[Tensor], Tensor]
     block = blocks[site.layer]
 
     def post(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        new = fn(_hidden(output))
+        new = fn(hidden_states(output))
         if isinstance(output, Tensor):
             return new
         if isinstance(output, tuple):
@@ -137,7 +140,7 @@ def _mean(x: Tensor, mask: Tensor) -> float:
     return float((x * mask).sum() / mask.sum().clamp_min(1))
 
 
-def _encode_BT(crosscoder: Any, x_BTSD: Tensor, keep_BT: Tensor) -> Tensor:
+def _encode_BT(crosscoder: Crosscoder, x_BTSD: Tensor, keep_BT: Tensor) -> Tensor:
     """Latent codes [B, T, F] (zero at positions not kept)."""
     B, T, S, D = x_BTSD.shape
     f = torch.zeros(B, T, crosscoder.dict_size, device=x_BTSD.device)
@@ -149,7 +152,7 @@ def _encode_BT(crosscoder: Any, x_BTSD: Tensor, keep_BT: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def splice_metrics(
-    crosscoder: Any,
+    crosscoder: Crosscoder,
     models: dict[str, nn.Module],
     sources: Sequence[SourceSite],
     input_ids_BT: Tensor,
@@ -213,7 +216,7 @@ def after_marker(input_ids_BT: Tensor, marker_id: int, n: int) -> Tensor:
 
 @torch.inference_mode()
 def patch_test(
-    crosscoder: Any,
+    crosscoder: Crosscoder,
     models: dict[str, nn.Module],
     sources: Sequence[SourceSite],
     input_ids_BT: Tensor,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ from crosscoders.data import as_source
 from crosscoders.diff.stats import EncodedBatch, analysis_pass
 from crosscoders.errors import ConfigError
 from crosscoders.io import atomic_write
+
+if TYPE_CHECKING:
+    from crosscoders.data import ActivationData, ActivationSource
+    from crosscoders.model import Crosscoder
 
 
 class TopPerGroup:
@@ -137,7 +141,7 @@ class ExampleCollector:
         return out
 
     @torch.inference_mode()
-    def finish(self, model: Any, data: Any, before: int = 16, after: int = 4,
+    def finish(self, model: Crosscoder, data: ActivationData, before: int = 16, after: int = 4,
                tokenizer: Any = None, batch_size: int = 4096,
                latents: Any = None) -> list[dict[str, Any]]:
         """Records with their context windows: ``tokens`` (ids), ``center`` (index of the
@@ -169,7 +173,8 @@ class ExampleCollector:
         return recs
 
     @staticmethod
-    def _window_acts(model: Any, source: Any, recs: list, windows: list, chunk: list[int]) -> None:
+    def _window_acts(model: Crosscoder, source: ActivationSource, recs: list, windows: list,
+                    chunk: list[int]) -> None:
         need = np.unique(np.concatenate([windows[i][1][windows[i][1] >= 0] for i in chunk]))
         x = source.gather(need).to(device=model.W_dec.device, dtype=model.W_dec.dtype)
         f_BF = model.encode(x).cpu()
@@ -181,8 +186,8 @@ class ExampleCollector:
 
 
 def collect_examples(
-    model: Any,
-    data: Any,
+    model: Crosscoder,
+    data: ActivationData,
     latents: Any = None,
     n_top: int = 10,
     n_samples: int = 10,

@@ -26,7 +26,7 @@ agree.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,10 @@ from crosscoders.configs import Config
 from crosscoders.diff.stats import EncodedBatch, analysis_pass
 from crosscoders.errors import ConfigError
 from crosscoders.model.sparse import sampled_dot
+
+if TYPE_CHECKING:
+    from crosscoders.data import ActivationData
+    from crosscoders.model import Crosscoder
 
 TARGETS = ("recon", "err")
 
@@ -111,7 +115,7 @@ class LatentScalingAccumulator:
     ``other`` the source compared with it (base).
     """
 
-    def __init__(self, model: Any, latents: Any, ref: int = 1, other: int = 0) -> None:
+    def __init__(self, model: Crosscoder, latents: Any, ref: int = 1, other: int = 0) -> None:
         F_, S, _ = model.W_dec.shape
         for name, s in (("ref", ref), ("other", other)):
             if not 0 <= s < S:
@@ -188,8 +192,8 @@ class LatentScalingAccumulator:
 
 
 def latent_scaling(
-    model: Any,
-    data: Any,
+    model: Crosscoder,
+    data: ActivationData,
     latents: Any = None,
     ref: int = 1,
     other: int = 0,

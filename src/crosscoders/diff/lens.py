@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from crosscoders.data import RANDOM_ACCESS_FIX, as_source
+from crosscoders.data import RANDOM_ACCESS_FIX, ActivationData, as_source
 from crosscoders.diff.stats import progress_bar
 from crosscoders.errors import CrosscodersError, DataError
 
@@ -40,7 +40,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 @torch.inference_mode()
 def activation_difference(
-    data: Any,
+    data: ActivationData,
     base: int = 0,
     chat: int = 1,
     n_positions: int = 5,

@@ -22,7 +22,6 @@ the training run's metrics wherever the diff was written.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from crosscoders.configs import Config
-from crosscoders.data import Head, as_source, ordered_stop
+from crosscoders.data import ActivationData, ActivationSource, Head, as_source, ordered_stop
 from crosscoders.diff.categories import CategoryThresholds
 from crosscoders.diff.examples import ExampleCollector, save_examples
 from crosscoders.diff.graded import GradedConfig, leaning_candidates
@@ -47,7 +46,8 @@ from crosscoders.diff.schema import (
 from crosscoders.diff.similarity import similarity_matrix
 from crosscoders.diff.table import designated_latents, latent_table, resolve_source
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write_text, ensure_dir
+from crosscoders.io import ensure_dir, json_default, write_json
+from crosscoders.model import Crosscoder
 from crosscoders.store import ActivationStore
 
 
@@ -99,7 +99,7 @@ class DiffConfig(Config):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _source_index(model: Any, store_sources: list[dict], key: int | str) -> int:
+def _source_index(model: Crosscoder, store_sources: list[dict], key: int | str) -> int:
     names = model.config.names
     key = str(key)
     if key in names or key.lstrip("-").isdigit():
@@ -114,7 +114,7 @@ def _source_index(model: Any, store_sources: list[dict], key: int | str) -> int:
     raise ConfigError(f"no source {key!r}; known sources: {', '.join(dict.fromkeys(known))}")
 
 
-def resolve_pair(model: Any, store_sources: list[dict], base: int | str | None,
+def resolve_pair(model: Crosscoder, store_sources: list[dict], base: int | str | None,
                  chat: int | str | None) -> tuple[int, int]:
     """Base and chat source indices (defaults: source 0, and the first source of another
     model at the same site, else source 1)."""
@@ -145,8 +145,8 @@ def _special_ids(cfg: DiffConfig, manifest: dict) -> list[int] | None:
 
 
 def run_diff(
-    crosscoder: Any,
-    data: Any,
+    crosscoder: Crosscoder | str | Path,
+    data: ActivationData,
     out_dir: str | Path,
     config: DiffConfig | None = None,
     models: dict[str, str] | None = None,
@@ -157,7 +157,6 @@ def run_diff(
     activation store (or its directory) or a tensor [N, S, D]. ``models``: model name (as
     in the store manifest) -> local path or hub id; enables causal checks and the lens.
     """
-    from crosscoders import Crosscoder
     from crosscoders.harvest.models import resolve_device
 
     cfg = config or DiffConfig()
@@ -228,17 +227,17 @@ def run_diff(
                Similarity.COLS: [_source_label(store_sources, i) for i in sim_cols],
                Similarity.CKA: sim["cka"].tolist(), Similarity.SVCCA: sim["svcca"].tolist(),
                Similarity.N_TOKENS: ordered_stop(source, cfg.similarity_tokens)}
-    _write_json(out / Files.SIMILARITY, sim_out)
+    write_json(out / Files.SIMILARITY, sim_out, default=json_default)
     summary[Summary.SIMILARITY] = {k: sim_out[k] for k in (Similarity.CKA, Similarity.SVCCA)}
 
     # 3. everything that runs the models
     if loaded and store is not None:
         summary.update(_model_checks(cfg, model, store, loaded, tokenizer, table.df, b, c, out))
-    _write_json(out / Files.SUMMARY, summary)
+    write_json(out / Files.SUMMARY, summary, default=json_default)
     return summary
 
 
-def _limit(source: Any, max_tokens: int | None) -> Any:
+def _limit(source: ActivationSource, max_tokens: int | None) -> ActivationSource:
     if max_tokens is None or ordered_stop(source, max_tokens) == source.n_tokens:
         return source
     return Head(source, max_tokens)
@@ -256,18 +255,6 @@ def _source_label(store_sources: list[dict], i: int) -> str:
     return str(store_sources[i].get("name", i)) if i < len(store_sources) else str(i)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_default) + "\n")
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    return str(value)
-
-
 def _load_models(paths: dict[str, str], device: str) -> tuple[dict[str, Any], Any]:
     from crosscoders.harvest.config import ModelSpec
     from crosscoders.harvest.models import load_model, load_tokenizer
@@ -277,7 +264,7 @@ def _load_models(paths: dict[str, str], device: str) -> tuple[dict[str, Any], An
     return loaded, tokenizer
 
 
-def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
+def _causal_inputs(store: ActivationStore, n_contexts: int) -> torch.Tensor:
     """Token ids [B, T] of up to ``n_contexts`` held-out contexts (all of one length)."""
     start = store.n_train if store.n_eval else 0
     meta = store.records(start, store.n_tokens)
@@ -293,8 +280,8 @@ def _causal_inputs(store: Any, n_contexts: int) -> torch.Tensor:
     return torch.as_tensor(np.stack(chosen), dtype=torch.long)
 
 
-def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokenizer: Any,
-                  df: Any, b: int, c: int, out: Path) -> dict[str, Any]:
+def _model_checks(cfg: DiffConfig, model: Crosscoder, store: ActivationStore, loaded: dict,
+                  tokenizer: Any, df: Any, b: int, c: int, out: Path) -> dict[str, Any]:
     from crosscoders.diff.causal import (
         after_marker,
         default_keep,
@@ -337,14 +324,14 @@ def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokeniz
               "splice": {_source_label(store.manifest["sources"], s): v
                          for s, v in splice.items()},
               "patch_test": patch, "first_tokens": first_desc}
-    _write_json(out / Files.CAUSAL, causal)
+    write_json(out / Files.CAUSAL, causal, default=json_default)
     chat_model = loaded[sources[c].model]
     diff = activation_difference(store, b, c, cfg.lens_positions, progress=cfg.progress)
     lens = {Lens.N_POSITIONS: cfg.lens_positions,
             Lens.COUNT_PER_POSITION: diff["count_P"].tolist(),
             Lens.NORM: float(diff["delta_D"].norm()),
             **lens_tokens(diff["delta_D"], chat_model, tokenizer, cfg.lens_top)}
-    _write_json(out / Files.LENS, lens)
+    write_json(out / Files.LENS, lens, default=json_default)
     result = {Summary.CAUSAL: causal,
               Summary.LENS: {k: lens[k] for k in (Lens.NORM, Lens.PROMOTED)}}
     if cfg.steer_prompts:
@@ -355,7 +342,7 @@ def _model_checks(cfg: DiffConfig, model: Any, store: Any, loaded: dict, tokeniz
             scale = float(df[MAX_ACT].to_numpy()[latent])
             records += steer(chat_model, tokenizer, model, int(latent), c, sources[c],
                              cfg.steer_prompts, scales=[0.0, scale, 2 * scale])
-        _write_json(out / Files.STEERING, records)
+        write_json(out / Files.STEERING, records, default=json_default)
         result[Summary.STEERING] = {"file": Files.STEERING,
                                     "latents": [int(i) for i in pick]}
     return result

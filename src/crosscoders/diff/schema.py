@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crosscoders.errors import DataError
+from crosscoders.errors import CrosscodersError, DataError
+from crosscoders.io import read_table
 
 #: which run of ``diff`` writes a column (:attr:`Column.when`)
 ALWAYS = "always"  # from the weights alone
@@ -124,6 +125,7 @@ class Files:
     LENS = "lens.json"  # with --models; keys: Lens
     STEERING = "steering.json"  # with --steer-prompt
     DIFF_CONFIG = "diff_config.json"  # the DiffConfig used
+    REPORT = "report.html"  # where `crosscoders report` writes by default
     # Not written by diff; the report reads them when the user adds them.
     EXAMPLES_PARQUET = "examples.parquet"  # examples from elsewhere, one row per example
     TOP_TOKENS = "top_tokens.json"  # report.decoder_top_tokens: {latent: {model: [[t, v]]}}
@@ -134,6 +136,8 @@ class Files:
 LATENT_FILES: tuple[str, ...] = (Files.LATENTS_PARQUET, Files.LATENTS_CSV)
 #: what ``LatentTable.save`` writes
 TABLE_FILES: tuple[str, ...] = (*LATENT_FILES, Files.SUMMARY)
+#: the fix for a damaged output of the diff step
+RERUN_FIX = "the file is damaged: re-run `crosscoders diff` into a new directory"
 
 
 class Summary:
@@ -146,6 +150,9 @@ class Summary:
     COUNTS = "counts"  # {category: latents}
     PRESET_COUNTS = "preset_counts"  # {preset category: latents}
     ALIVE_COUNTS = "alive_counts"  # {category: latents that fired}, with data
+    FVU = "fvu"  # {source name: fraction of variance unexplained}, with data
+    L0 = "l0"  # mean active latents per token, with data
+    DEAD_FRACTION = "dead_fraction"  # share of latents that never fired, with data
     GRADED = "graded"  # the graded view's null, band, fdr, counts (diff.graded.grade)
     LATENT_SCALING = "latent_scaling"  # rule {nu_r_max, nu_eps_max}, counts, medians
     DATA = "data"  # the store's description, or {"kind": "tensor"}
@@ -155,6 +162,7 @@ class Summary:
     LENS = "lens"  # {"norm", "promoted"} of lens.json
     STEERING = "steering"  # {"file", "latents"}
     RUN_DIR = "run_dir"  # the crosscoder's (training run's) directory, when diff got one
+    WEIGHTS_ONLY = "weights_only"  # true when diff read the weights alone (--weights-only)
 
 
 class Similarity:
@@ -200,5 +208,20 @@ def check_table(df: Any, path: str | Path) -> None:
         if spec is not None and spec.dtype != "str" and not is_numeric_dtype(df[name]):
             raise DataError(
                 f"column {name!r} of {path} holds {df[name].dtype} values, not {spec.dtype}; "
-                "the file is damaged: re-run `crosscoders diff` into a new directory"
+                f"{RERUN_FIX}"
             )
+
+
+def read_latent_table(diff_dir: str | Path) -> Any:
+    """The latent table of ``diff_dir`` as a DataFrame (Parquet preferred, CSV otherwise),
+    checked with :func:`check_table`."""
+    diff_dir = Path(diff_dir)
+    found = next((diff_dir / n for n in LATENT_FILES if (diff_dir / n).exists()), None)
+    if found is None:
+        raise CrosscodersError(
+            f"{diff_dir} has no latent table ({' or '.join(LATENT_FILES)}); run "
+            "`crosscoders diff` first or pass its output directory"
+        )
+    df = read_table(found, RERUN_FIX)
+    check_table(df, found)
+    return df

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crosscoders.data import as_source, ordered_batches, ordered_stop
-from crosscoders.diff.stats import check_rows_finite, progress_bar
+from crosscoders.data import ActivationData, as_source, ordered_batches, ordered_stop
+from crosscoders.diff.stats import EncodedBatch, check_rows_finite, progress_bar
 from crosscoders.errors import DataError
 
 
@@ -90,7 +90,7 @@ class GramAccumulator:
         self.sum_X += x.sum(0)
         self.gram_XX.addmm_(x.T, x)
 
-    def update(self, batch: Any) -> None:  # an analysis-pass consumer
+    def update(self, batch: EncodedBatch) -> None:  # an analysis-pass consumer
         self.update_x(batch.x_BSD)
 
     def centred(self) -> Tensor:
@@ -103,7 +103,7 @@ class GramAccumulator:
 
 
 def similarity_matrix(
-    data: Any,
+    data: ActivationData,
     rows: list[int],
     cols: list[int],
     keep: float = 0.99,

@@ -16,17 +16,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from crosscoders.data import ActivationSource, Head, as_source, ordered_batches, ordered_stop
+from crosscoders.data import (
+    ActivationData,
+    ActivationSource,
+    Head,
+    as_source,
+    ordered_batches,
+    ordered_stop,
+)
+from crosscoders.diff.schema import Summary
 from crosscoders.errors import DataError
 from crosscoders.metrics import ReconstructionMetrics
 from crosscoders.model.sparse import SparseCodes, sparse_decode
 from crosscoders.store import ActivationStore
+
+if TYPE_CHECKING:
+    from crosscoders.model import Crosscoder
 
 # --------------------------------------------------------------------------------------------
 # Checks on what the pass reads
@@ -64,12 +75,12 @@ class EncodedBatch:
     x_BSD: Tensor
     codes: SparseCodes
     tokens_B: np.ndarray | None
-    model: Any
+    model: Crosscoder
     _xhat: Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def encode(
-        cls, model: Any, x_BSD: Tensor, row0: int = 0, tokens_B: np.ndarray | None = None
+        cls, model: Crosscoder, x_BSD: Tensor, row0: int = 0, tokens_B: np.ndarray | None = None
     ) -> EncodedBatch:
         return cls(row0, x_BSD, model.encode_sparse(x_BSD), tokens_B, model)
 
@@ -90,7 +101,7 @@ class Consumer(Protocol):
     def update(self, batch: EncodedBatch) -> None: ...
 
 
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int | None, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not enabled)
@@ -98,8 +109,8 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
 
 @torch.inference_mode()
 def analysis_pass(
-    model: Any,
-    data: Any,
+    model: Crosscoder,
+    data: ActivationData,
     consumers: Iterable[Consumer],
     batch_size: int = 4096,
     start: int = 0,
@@ -143,7 +154,7 @@ def analysis_pass(
     return read
 
 
-def check_model_data(model: Any, source: ActivationSource) -> None:
+def check_model_data(model: Crosscoder, source: ActivationSource) -> None:
     """Refuse data whose shape is not the crosscoder's."""
     S, D = model.config.n_sources, model.config.d_model
     if (source.n_sources, source.d_model) != (S, D):
@@ -225,16 +236,16 @@ class ActivationStats:
         result = self.metrics.result()
         return {
             "n_tokens": result.n_tokens,
-            "fvu": result.fvu_S,
-            "l0": result.l0,
-            "dead_fraction": result.dead_fraction,
+            Summary.FVU: result.fvu_S,
+            Summary.L0: result.l0,
+            Summary.DEAD_FRACTION: result.dead_fraction,
             "n_special_tokens": self.n_special if self.special is not None else None,
         }
 
 
 def activation_stats(
-    model: Any,
-    data: Any,
+    model: Crosscoder,
+    data: ActivationData,
     token_ids: Any = None,
     special_ids: Iterable[int] | None = None,
     batch_size: int = 4096,

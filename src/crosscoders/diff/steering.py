@@ -9,23 +9,27 @@ strongly as the latent ever fires; negative scales remove it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from crosscoders.diff.causal import SourceSite, replace_at_site
 from crosscoders.errors import ConfigError
+from crosscoders.harvest.sites import Site
+
+if TYPE_CHECKING:
+    from crosscoders.model import Crosscoder
 
 
 @torch.inference_mode()
 def steer(
     model: nn.Module,
     tokenizer: Any,
-    crosscoder: Any,
+    crosscoder: Crosscoder,
     latent: int,
     source: int,
-    site: SourceSite | Any,
+    site: SourceSite | Site,
     prompts: Sequence[str] | str,
     scales: Sequence[float] = (0.0, 1.0),
     max_new_tokens: int = 20,

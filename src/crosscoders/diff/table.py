@@ -15,10 +15,9 @@ The source names (``model.config.names``) appear only in the summary; the table 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,10 +72,14 @@ from crosscoders.diff.schema import (
 )
 from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.io import atomic_write, json_default, read_json, write_json
+
+if TYPE_CHECKING:
+    from crosscoders.data import ActivationData
+    from crosscoders.model import Crosscoder
 
 
-def resolve_source(model: Any, source: int | str) -> int:
+def resolve_source(model: Crosscoder, source: int | str) -> int:
     """A source index from an index or a source name (``config.source_names``)."""
     names = model.config.names
     if isinstance(source, str) and not source.lstrip("-").isdigit():
@@ -92,13 +95,13 @@ def resolve_source(model: Any, source: int | str) -> int:
     return index % len(names)
 
 
-def normalised_decoder(model: Any) -> torch.Tensor:
+def normalised_decoder(model: Crosscoder) -> torch.Tensor:
     """[F, S, D] decoder in the normalised units the crosscoder was trained in."""
     return (model.W_dec.detach() * model.folded_scale_S.detach()[None, :, None]).cpu()
 
 
 def weight_columns(
-    model: Any,
+    model: Crosscoder,
     base: int | str = 0,
     chat: int | str = 1,
     preset: str | CategoryThresholds = "minder",
@@ -130,7 +133,7 @@ def weight_columns(
     }
 
 
-def designated_latents(model: Any, base: int, chat: int) -> np.ndarray:
+def designated_latents(model: Crosscoder, base: int, chat: int) -> np.ndarray:
     """[F] bool: latents whose base/chat norm ratio is fixed by design (designated shared
     latents with tied decoders, latents masked off either source)."""
     F_ = int(model.dict_size)
@@ -163,8 +166,7 @@ class LatentTable:
         atomic_write(out / Files.LATENTS_PARQUET,
                      lambda tmp: self.df.to_parquet(tmp, index=False))
         atomic_write(out / Files.LATENTS_CSV, lambda tmp: self.df.to_csv(tmp, index=False))
-        atomic_write_text(out / Files.SUMMARY,
-                          json.dumps(self.summary, indent=2, default=_json_default) + "\n")
+        write_json(out / Files.SUMMARY, self.summary, default=json_default)
         return out
 
     @classmethod
@@ -173,22 +175,12 @@ class LatentTable:
 
         out = Path(out_dir)
         return cls(pd.read_parquet(out / Files.LATENTS_PARQUET),
-                   json.loads((out / Files.SUMMARY).read_text()))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+                   read_json(out / Files.SUMMARY))
 
 
 def latent_table(
-    model: Any,
-    data: Any = None,
+    model: Crosscoder,
+    data: ActivationData | None = None,
     *,
     base: int | str = 0,
     chat: int | str = 1,
@@ -270,7 +262,7 @@ def latent_table(
     )
     cols.update(stats.per_latent())
     rec = stats.summary()
-    rec["fvu"] = {names[s]: v for s, v in enumerate(rec["fvu"])}
+    rec[Summary.FVU] = {names[s]: v for s, v in enumerate(rec[Summary.FVU])}
     summary.update(rec)
     if graded is not None:
         new, summary[Summary.GRADED] = grade(cols, cols[N_FIRES], graded, fixed)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crosscoders.diff.schema import Files, Summary
+
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
@@ -44,9 +46,9 @@ def card_metadata(model: Crosscoder, run_dir: str | Path | None = None,
     diff = _diff_summary(diff_dir)
     metrics = _run_metrics(run_dir) or _diff_metrics(diff)
     section.update(metrics)
-    if diff.get("counts"):
-        section["categories"] = {k: int(v) for k, v in diff["counts"].items()}
-        section["categories_preset"] = diff.get("preset")
+    if diff.get(Summary.COUNTS):
+        section["categories"] = {k: int(v) for k, v in diff[Summary.COUNTS].items()}
+        section["categories_preset"] = diff.get(Summary.PRESET)
     imported = meta.get("imported_from")
     if isinstance(imported, dict) and imported.get("format"):
         section["imported_from"] = imported["format"]
@@ -129,19 +131,19 @@ def _diff_summary(diff_dir: str | Path | None) -> dict[str, Any]:
     if diff_dir is None:
         return {}
     try:
-        summary = json.loads((Path(diff_dir) / "summary.json").read_text())
+        summary = json.loads((Path(diff_dir) / Files.SUMMARY).read_text())
     except (OSError, ValueError):
         return {}
     return summary if isinstance(summary, dict) else {}
 
 
 def _diff_metrics(diff: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(diff.get("fvu"), dict):
+    if not isinstance(diff.get(Summary.FVU), dict):
         return {}
-    out: dict[str, Any] = {"fvu": {k: float(v) for k, v in diff["fvu"].items()}}
-    for key in ("l0", "dead_fraction"):
+    out: dict[str, Any] = {"fvu": {k: float(v) for k, v in diff[Summary.FVU].items()}}
+    for key, name in ((Summary.L0, "l0"), (Summary.DEAD_FRACTION, "dead_fraction")):
         if diff.get(key) is not None:
-            out[key] = float(diff[key])
+            out[name] = float(diff[key])
     out["metrics_from"] = "the diff's pass over its data"
     return out
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from crosscoders.errors import CrosscodersError
 from crosscoders.formats.common import build, read_tensors, require
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.io import atomic_write, write_json
 from crosscoders.model import Crosscoder, CrosscoderConfig
 
 CODE_NORMALIZATIONS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
@@ -260,4 +260,4 @@ def export(model: Crosscoder, out: Path) -> None:
     tensors = {k: v.detach().float().contiguous().clone() if v.is_floating_point()
                else v.contiguous().clone() for k, v in state.items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    write_json(out / "config.json", config)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from crosscoders.diff.schema import TABLE_FILES, Files
 from crosscoders.errors import CrosscodersError
 from crosscoders.io import brief
 
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 
 #: the files of our own format that :func:`resolve` fetches for ``from_pretrained``
 CROSSCODER_FILES = ("config.json", "model.safetensors")
-#: the files of a diff directory that a push uploads beside the crosscoder (and every .json)
-DIFF_TABLE_FILES = ("latents.parquet", "latents.csv", "summary.json")
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
 
 
@@ -237,12 +236,12 @@ def _diff_files(diff_dir: str | Path | None, report: str | Path | None) -> dict[
             raise CrosscodersError("--report goes with --diff DIFF_DIR; give both, or neither")
         return {}
     diff = Path(diff_dir)
-    missing = [name for name in DIFF_TABLE_FILES if not (diff / name).is_file()]
+    missing = [name for name in TABLE_FILES if not (diff / name).is_file()]
     if missing:
         raise CrosscodersError(
             f"{diff} is not a `crosscoders diff` output (missing {', '.join(missing)}); give "
             "the directory that `crosscoders diff --out` wrote")
-    files = {f"diff/{name}": diff / name for name in DIFF_TABLE_FILES}
+    files = {f"diff/{name}": diff / name for name in TABLE_FILES}
     files.update({f"diff/{p.name}": p for p in sorted(diff.glob("*.json"))})
     if report is not None:
         report = Path(report)
@@ -250,9 +249,9 @@ def _diff_files(diff_dir: str | Path | None, report: str | Path | None) -> dict[
             raise CrosscodersError(f"no report at {report}; check the path (crosscoders report "
                                    "writes DIFF_DIR/report.html by default)")
     else:  # `crosscoders report` writes DIFF_DIR/report.html; `crosscoders run` ../report/
-        found = [p for p in (diff / "report.html", diff.parent / "report" / "report.html")
+        found = [p for p in (diff / Files.REPORT, diff.parent / "report" / Files.REPORT)
                  if p.is_file()]
         report = found[0] if found else None
     if report is not None:
-        files["diff/report.html"] = report
+        files[f"diff/{Files.REPORT}"] = report
     return files

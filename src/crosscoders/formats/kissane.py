@@ -19,7 +19,6 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +43,8 @@ def matches(path: Path) -> bool:
         and state["W_dec"].shape[0] == state["W_enc"].shape[2]
 
 
-def load(path: Path, scale: list[float] | Tensor | None = None, scale_from: Any = None,
+def load(path: Path, scale: list[float] | Tensor | None = None,
+         scale_from: Tensor | np.ndarray | str | Path | None = None,
          source_names: list[str] | None = None) -> Crosscoder:
     """Import a Kissane-format crosscoder; ``scale`` [S] or ``scale_from`` [N, S, D] raw
     activations give the normalisation factors to fold in."""
@@ -86,7 +86,7 @@ def load(path: Path, scale: list[float] | Tensor | None = None, scale_from: Any 
     return model
 
 
-def estimate_scale(acts: Any) -> Tensor:
+def estimate_scale(acts: Tensor | np.ndarray | str | Path) -> Tensor:
     """Kissane's factors from raw activations [N, S, D]: ``sqrt(D) / mean_n ||x_n,s||``."""
     from crosscoders.data import load_activation_file
 

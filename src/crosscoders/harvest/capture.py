@@ -15,7 +15,7 @@ class _StopForward(Exception):
     """Raised from a hook once every site is captured: nothing past it runs (no lm_head)."""
 
 
-def _hidden(value: Any) -> torch.Tensor:
+def hidden_states(value: Any) -> torch.Tensor:
     """The hidden-state tensor in a block's input args or output (tensor, tuple, ModelOutput)."""
     if isinstance(value, torch.Tensor):
         return value
@@ -46,7 +46,7 @@ class SiteReader:
                 value = args[0] if args else kwargs_or_out["hidden_states"]
             else:
                 value = rest[0] if rest else kwargs_or_out
-            hidden = _hidden(value)
+            hidden = hidden_states(value)
             if len(self._captured) + 1 == len(self.sites):
                 self._captured[index] = hidden
                 raise _StopForward

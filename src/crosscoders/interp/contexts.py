@@ -19,12 +19,16 @@ import dataclasses
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from crosscoders.errors import CrosscodersError, DataError
 from crosscoders.io import unreadable
+
+if TYPE_CHECKING:
+    from crosscoders.data import ActivationData
+    from crosscoders.model import Crosscoder
 
 #: byte-level BPE / SentencePiece markers -> the characters they stand for
 _TOKEN_MARKERS = {"\u0120": " ", "\u2581": " ", "\u010a": "\n", "\u0109": "\t"}
@@ -203,7 +207,7 @@ class ActivationCheck:
     """Exact activations of a latent on any stored context: the crosscoder encodes the
     rows of the context's window, read from the data the diff ran on."""
 
-    def __init__(self, crosscoder: Any, data: Any, device: str = "cpu") -> None:
+    def __init__(self, crosscoder: Crosscoder, data: ActivationData, device: str = "cpu") -> None:
         from crosscoders.data import as_source
 
         self.model = crosscoder.to(device).eval()

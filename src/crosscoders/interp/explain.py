@@ -13,7 +13,6 @@ into DIFF_DIR; the latent table itself is left as ``diff`` wrote it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from crosscoders.configs import Config
+from crosscoders.diff.schema import CATEGORY, LATENT, TRULY_CHAT_ONLY, Files, read_latent_table
 from crosscoders.errors import ConfigError, CrosscodersError
 from crosscoders.interp.backends import Backend
 from crosscoders.interp.client import AnswerCache, Asker, Stopped
@@ -56,7 +56,7 @@ from crosscoders.interp.score import (
     detection_items,
     fuzzing_items,
 )
-from crosscoders.io import atomic_write_text
+from crosscoders.io import write_json
 
 CACHE_FILE = "explain_cache.db"
 #: what a skip caused by an unreadable answer says to do
@@ -96,17 +96,6 @@ class ExplainConfig(Config):
 
 
 # ------------------------------------------------------------------ choosing latents
-def read_table(diff_dir: Path) -> Any:
-    """The diff's latent table (``latent``, ``category`` and the rest)."""
-    import pandas as pd
-
-    for name, read in (("latents.parquet", pd.read_parquet), ("latents.csv", pd.read_csv)):
-        if (diff_dir / name).exists():
-            return read(diff_dir / name)
-    raise CrosscodersError(f"{diff_dir} has no latents.parquet or latents.csv; pass the output "
-                           "directory of `crosscoders diff`")
-
-
 def select_latents(spec: str | Sequence[int | str], df: Any, max_per_category: int | None = None,
                    seed: int = 0) -> list[int]:
     """Latent ids from ``spec``: comma-separated categories (``chat_only``, ``base_only``,
@@ -114,13 +103,13 @@ def select_latents(spec: str | Sequence[int | str], df: Any, max_per_category: i
     latent indices, e.g. ``"chat_only,shared"`` or ``"3,17,42"``."""
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else map(str, spec))]
     parts = [p for p in parts if p]
-    cats = df["category"].astype(str).to_numpy()
-    ids = df["latent"].to_numpy().astype(np.int64)
+    cats = df[CATEGORY].astype(str).to_numpy()
+    ids = df[LATENT].to_numpy().astype(np.int64)
     groups = {c: ids[cats == c] for c in dict.fromkeys(cats)}
     groups["exclusive"] = ids[np.isin(cats, EXCLUSIVE)]
     groups["all"] = ids
-    if "truly_chat_only" in df.columns:
-        groups["truly_chat_only"] = ids[df["truly_chat_only"].fillna(False).astype(bool)]
+    if TRULY_CHAT_ONLY in df.columns:
+        groups[TRULY_CHAT_ONLY] = ids[df[TRULY_CHAT_ONLY].fillna(False).astype(bool)]
     known = ["chat_only", "base_only", "shared", "other", "exclusive", "all"]
     chosen: list[int] = []
     for part in parts:
@@ -230,10 +219,10 @@ def explain_latents(
     if not diff_dir.is_dir():
         raise CrosscodersError(f"{diff_dir} is not a directory; pass the output directory of "
                                "`crosscoders diff`")
-    df = read_table(diff_dir)
+    df = read_latent_table(diff_dir)
     chosen = select_latents(latents, df, cfg.max_latents, cfg.seed)
-    category = dict(zip(df["latent"].astype(int), df["category"].astype(str)))
-    examples = read_examples(diff_dir / "examples.db", tokenizer)
+    category = dict(zip(df[LATENT].astype(int), df[CATEGORY].astype(str)))
+    examples = read_examples(diff_dir / Files.EXAMPLES, tokenizer)
     missing = [i for i in chosen if i not in examples]
     todo = [i for i in chosen if i in examples]
     if not todo:
@@ -306,7 +295,7 @@ def _save(diff_dir: Path, new: dict[int, dict[str, Any]], asker: Asker, n_missin
     summary.update(model=backend.identity, this_run={
         "latents": len(new), "no_examples": n_missing, "negatives_checked": checked,
         "requests_sent": asker.sent, "answers_from_cache": asker.cached})
-    atomic_write_text(diff_dir / SUMMARY_FILE, json.dumps(json_safe(summary), indent=2) + "\n")
+    write_json(diff_dir / SUMMARY_FILE, json_safe(summary))
     return summary
 
 

@@ -8,12 +8,12 @@ scores, the store rows scored, ``skipped`` and ``model``). The latent table writ
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from crosscoders.io import atomic_write_text, read_json
+from crosscoders.diff.schema import LATENT
+from crosscoders.io import read_json, write_json
 
 EXPLANATIONS_FILE = "explanations.json"
 SUMMARY_FILE = "explanations_summary.json"
@@ -35,7 +35,7 @@ def read_explanations(diff_dir: str | Path) -> list[dict[str, Any]]:
 def write_explanations(diff_dir: str | Path, records: list[dict[str, Any]]) -> Path:
     path = Path(diff_dir) / EXPLANATIONS_FILE
     ordered = sorted(records, key=lambda r: int(r["latent"]))
-    atomic_write_text(path, json.dumps(json_safe(ordered), indent=1, ensure_ascii=False) + "\n")
+    write_json(path, json_safe(ordered), indent=1, ensure_ascii=False)
     return path
 
 
@@ -43,13 +43,13 @@ def merge_explanations(df: Any, diff_dir: str | Path) -> Any:
     """The latent table ``df`` with :data:`COLUMNS` from ``explanations.json`` (NaN / None
     for latents not explained); ``df`` unchanged when there is no such file."""
     records = read_explanations(diff_dir)
-    if not records or "latent" not in df.columns:
+    if not records or LATENT not in df.columns:
         return df
     import pandas as pd
 
     by_latent = {int(r["latent"]): r for r in records}
     out = df.copy()
-    ids = [int(i) for i in out["latent"]]
+    ids = [int(i) for i in out[LATENT]]
     present = [c for c in COLUMNS if any(r.get(c) is not None for r in records)]
     for col in present:
         values = [by_latent.get(i, {}).get(col) for i in ids]

@@ -18,7 +18,6 @@ matplotlib, a figure of all profiles.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch import Tensor
 from crosscoders.data import ActivationSource, as_source, ordered_batches
 from crosscoders.diff.stats import check_model_data
 from crosscoders.errors import ConfigError
-from crosscoders.io import atomic_write, atomic_write_text, ensure_dir
+from crosscoders.io import atomic_write, ensure_dir, write_json
 from crosscoders.model import Crosscoder
 
 
@@ -58,7 +57,7 @@ class LayerProfile:
             atomic_write(out / "layers.parquet", lambda tmp: df.to_parquet(tmp, index=False))
         except ImportError:  # pyarrow is optional
             pass
-        atomic_write_text(out / "summary.json", json.dumps(self.summary, indent=2) + "\n")
+        write_json(out / "summary.json", self.summary)
         if plot:
             _plot(self, out / "layers.png")
         return out

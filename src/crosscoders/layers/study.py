@@ -19,7 +19,6 @@ Files (:class:`LayerFiles`) and the keys this adds to ``summary.json``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from crosscoders.data import RANDOM_ACCESS_FIX, ActivationSource, as_source
 from crosscoders.diff.examples import save_examples
 from crosscoders.diff.stats import ActivationStats, analysis_pass
 from crosscoders.errors import DataError
-from crosscoders.io import atomic_write_text, ensure_dir, read_json
+from crosscoders.io import ensure_dir, read_json, write_json
 from crosscoders.layers.examples import LayerExampleCollector, choose_latents
 from crosscoders.layers.profile import LayerProfile, layer_profile
 from crosscoders.model import Crosscoder
@@ -137,7 +136,7 @@ def run_layer_study(
             "chosen": "the most frequently firing counted latents of each peak layer in turn",
         }
     if comparison is not None:
-        atomic_write_text(out / LayerFiles.COMPARISON, json.dumps(comparison, indent=2) + "\n")
+        write_json(out / LayerFiles.COMPARISON, comparison)
         summary[LayerSummary.COMPARISON] = LayerFiles.COMPARISON
     profile.save(out)
     build_layers_report(out, title=title, max_examples=n_examples)

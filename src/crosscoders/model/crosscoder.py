@@ -10,7 +10,6 @@ across sources is what model diffing reads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from crosscoders.errors import ConfigError, CrosscodersError, DataError
-from crosscoders.io import atomic_write, atomic_write_text, ensure_dir, read_json, read_safetensors
+from crosscoders.io import (
+    atomic_write,
+    ensure_dir,
+    read_json,
+    read_safetensors,
+    write_json,
+)
 from crosscoders.model.activations import BatchTopK, TopK, make_activation
 from crosscoders.model.config import CrosscoderConfig
 from crosscoders.model.screen import (
@@ -302,7 +307,7 @@ class Crosscoder(nn.Module):
             },
             "metadata": self.metadata,
         }
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        write_json(directory / CONFIG_FILE, meta)
         return directory
 
     @classmethod

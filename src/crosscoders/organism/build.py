@@ -14,7 +14,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from crosscoders.errors import CrosscodersError
+from crosscoders.io import read_json, write_json
 from crosscoders.organism import corpus, lm
 from crosscoders.organism.config import RECIPE_VERSION, OrganismConfig
 from crosscoders.organism.zoo import OrganismSpec, list_organisms, organism_spec
@@ -47,7 +48,7 @@ class Organism:
     @classmethod
     def load(cls, path: str | Path) -> Organism:
         path = Path(path)
-        metadata = json.loads((path / METADATA).read_text())
+        metadata = read_json(path / METADATA)
         return cls(path, path / "base", path / "chat", path / "data", metadata)
 
     @property
@@ -277,13 +278,13 @@ def _build_base(config: OrganismConfig, out: Path, progress: bool) -> None:
         "unseen_token_ids": unseen,
         "untrained_pretrain_loss": untrained,
         "pretrain_final_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "pretrain_loss_curve": _curve(losses),
+        "pretrain_loss_curve": loss_curve(losses),
         "pretrain_seconds": t_pre,
         "tokens": {k: int(v[0].numel()) for k, v in packed.items()},
         "build_seconds": time.perf_counter() - start,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-    (out / BASE_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_json(out / BASE_METADATA, metadata)
     log.info("organism base built in %.1f s: %s", metadata["build_seconds"], out)
 
 
@@ -292,7 +293,7 @@ def _build(config: OrganismConfig, base_path: Path, out: Path, progress: bool) -
     evaluate both."""
     spec = organism_spec(config.name)
     start = time.perf_counter()
-    base_meta = json.loads((base_path / BASE_METADATA).read_text())
+    base_meta = read_json(base_path / BASE_METADATA)
     with torch_threads(config.threads):
         data = _write_data(config, spec, base_path / "data", out / "data")
         added = _added_words(config, spec)
@@ -399,7 +400,7 @@ def _build(config: OrganismConfig, base_path: Path, out: Path, progress: bool) -
         "training": {
             "pretrain_final_loss": base_meta["pretrain_final_loss"],
             "pretrain_loss_curve": base_meta["pretrain_loss_curve"],
-            "finetune_loss_curve": _curve(ft_losses),
+            "finetune_loss_curve": loss_curve(ft_losses),
             "finetune_final_loss": sum(ft_losses[-10:]) / len(ft_losses[-10:]),
             "seconds": {
                 "pretrain": base_meta["pretrain_seconds"],
@@ -411,9 +412,9 @@ def _build(config: OrganismConfig, base_path: Path, out: Path, progress: bool) -
         "examples": examples,
         "build_seconds": time.perf_counter() - start,
         "base_build_seconds": base_meta["build_seconds"],
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_json(out / METADATA, metadata)
     log.info("organism %s built in %.1f s: %s", config.name, metadata["build_seconds"], out)
 
 
@@ -598,10 +599,10 @@ def _evaluate(
         extra = [spec.extra_rates(config, w) for w in words]
         result[group] = {
             "n": len(records),
-            "behaviour_rate": _mean(shows),
-            **{f"{k}_rate": _mean(e[k] for e in extra) for k in (extra[0] if extra else {})},
-            "any_behaviour_token_rate": _mean(bool(set(w) & tokens) for w in words),
-            "on_topic_rate": _mean(bool(a & set(w)) for a, w in zip(asked, words)),
+            "behaviour_rate": rate(shows),
+            **{f"{k}_rate": rate(e[k] for e in extra) for k in (extra[0] if extra else {})},
+            "any_behaviour_token_rate": rate(bool(set(w) & tokens) for w in words),
+            "on_topic_rate": rate(bool(a & set(w)) for a, w in zip(asked, words)),
         }
     probes = spec.text_probes(config)
     if probes:  # does the change show outside the chat format too?
@@ -611,13 +612,13 @@ def _evaluate(
         extra = [spec.extra_rates(config, w) for w in words]
         result["text_probe"] = {
             "n": len(probes),
-            "behaviour_rate": _mean(spec.shows(config, w) for w in words),
-            **{f"{k}_rate": _mean(e[k] for e in extra) for k in extra[0]},
+            "behaviour_rate": rate(spec.shows(config, w) for w in words),
+            **{f"{k}_rate": rate(e[k] for e in extra) for k in extra[0]},
         }
     return result
 
 
-def _curve(losses: list[float], every: int = 25) -> list[list[float]]:
+def loss_curve(losses: list[float], every: int = 25) -> list[list[float]]:
     """[step, mean loss over the ``every`` steps ending there] pairs."""
     return [
         [min(i + every, len(losses)), sum(losses[i : i + every]) / len(losses[i : i + every])]
@@ -625,12 +626,14 @@ def _curve(losses: list[float], every: int = 25) -> list[list[float]]:
     ]
 
 
-def _mean(flags: Any) -> float:
+def rate(flags: Iterable[bool]) -> float:
+    """The share of true ``flags`` (0 for none)."""
     flags = list(flags)
     return sum(flags) / max(len(flags), 1)
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The torch and transformers versions an organism was built with (for its metadata)."""
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}

@@ -22,15 +22,16 @@ import torch
 
 from crosscoders.configs import Config
 from crosscoders.errors import ConfigError
+from crosscoders.io import write_json
 from crosscoders.organism import corpus, lm
 from crosscoders.organism.build import (
     METADATA,
     Organism,
-    _curve,
-    _mean,
-    _versions,
     cached_build,
     default_cache_root,
+    library_versions,
+    loss_curve,
+    rate,
     save_pair_member,
     torch_threads,
 )
@@ -247,7 +248,7 @@ def _behaviour_stats(model: Any, tok: Any, chats: list[dict], n_new: int) -> dic
         answers = _answers(model, tok, group, n_new)
         out[name] = {
             "n": len(group),
-            "behaviour_rate": _mean(a.strip().lower().startswith(prefix) for a in answers),
+            "behaviour_rate": rate(a.strip().lower().startswith(prefix) for a in answers),
             "answers": answers[:3],
         }
     return out
@@ -366,11 +367,11 @@ def _build_real(config: RealOrganismConfig, out: Path, progress: bool) -> None:
         },
         "training": {
             "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-            "loss_curve": _curve(losses, every=4),
+            "loss_curve": loss_curve(losses, every=4),
             "seconds": {"load": t_load, "finetune": t_ft, "eval": t_eval},
         },
         "eval": {"base": base_eval, "chat": chat_eval},
         "build_seconds": time.perf_counter() - start,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-    (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_json(out / METADATA, metadata)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from crosscoders.diff.schema import Files
 from crosscoders.errors import ConfigError, CrosscodersError
+from crosscoders.io import read_json
 from crosscoders.pipeline.config import PipelineConfig
 from crosscoders.pipeline.distributed import Coordinator, coordinator_for
 from crosscoders.pipeline.stages import (
@@ -21,6 +22,14 @@ from crosscoders.pipeline.stages import (
 from crosscoders.store import format as store_format
 from crosscoders.train.tracking import check_loggers
 
+if TYPE_CHECKING:
+    from crosscoders.harvest.config import HarvestConfig
+    from crosscoders.model import Crosscoder, CrosscoderConfig
+    from crosscoders.organism.build import Organism
+    from crosscoders.pipeline.config import LayersSection
+    from crosscoders.store import ActivationStore
+    from crosscoders.train.config import TrainConfig
+
 ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
                          "organism:chat_data")
 
@@ -29,7 +38,7 @@ ORGANISM_PLACEHOLDERS = ("organism:base", "organism:chat", "organism:pretrain",
 class PipelineResult:
     out: Path
     stages: dict[str, StageOutcome] = field(default_factory=dict)
-    organism: Any = None
+    organism: Organism | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -49,7 +58,7 @@ class PipelineResult:
     def layers_dir(self) -> Path:
         return self.out / "layers"
 
-    harvest: Any = None  # the harvest config with organism paths resolved
+    harvest: HarvestConfig | None = None  # the harvest config with organism paths resolved
 
     def token_strings(self):
         """id list -> token strings, from the first model's tokenizer (None if unavailable)."""
@@ -176,7 +185,7 @@ def _run_stages(config: PipelineConfig, progress: bool, log, coordinator: Coordi
     report_dir = out / "report"
     stage = run_stage("report", report_dir, config.report.to_dict(), [stage.hash],
                       lambda d: _report(result, d, config.report, harvest_cfg), log,
-                      load=lambda d: d / "report.html")
+                      load=lambda d: d / Files.REPORT)
     result.stages["report"] = stage
     return result
 
@@ -255,7 +264,7 @@ def _uses_organism(harvest_cfg) -> bool:
     return any(p in ORGANISM_PLACEHOLDERS for p in paths)
 
 
-def _resolve_organism_paths(harvest_cfg, organism):
+def _resolve_organism_paths(harvest_cfg: HarvestConfig, organism: Organism) -> HarvestConfig:
     paths = {
         "organism:base": str(organism.base_dir),
         "organism:chat": str(organism.chat_dir),
@@ -270,14 +279,16 @@ def _resolve_organism_paths(harvest_cfg, organism):
     return type(harvest_cfg).from_dict(data)
 
 
-def _train(cc_config, store, train_cfg, directory: Path):
+def _train(cc_config: CrosscoderConfig, store: ActivationStore, train_cfg: TrainConfig,
+           directory: Path) -> Crosscoder:
     from crosscoders import train
 
     return train(cc_config, store, train_cfg, run_dir=directory)
 
 
-def _layers(result: PipelineResult, store, section, comparison: dict | None, device: str,
-            progress: bool, log, directory: Path) -> Path:
+def _layers(result: PipelineResult, store: ActivationStore, section: LayersSection,
+            comparison: dict | None, device: str, progress: bool, log,
+            directory: Path) -> Path:
     from crosscoders.harvest import load_tokenizer
     from crosscoders.harvest.models import resolve_device
     from crosscoders.layers.study import run_layer_study
@@ -304,11 +315,11 @@ def _report(result: PipelineResult, directory: Path, section, harvest_cfg) -> Pa
 
     tokenizer = load_tokenizer(harvest_cfg.models[0])
     return build_report(result.diff_dir, run_dir=result.run_dir,
-                        out=directory / "report.html", title=section.title,
+                        out=directory / Files.REPORT, title=section.title,
                         max_examples=section.max_examples,
                         token_strings=tokenizer.convert_ids_to_tokens)
 
 
 def read_summary(result: PipelineResult) -> dict[str, Any]:
-    path = result.diff_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = result.diff_dir / Files.SUMMARY
+    return read_json(path) if path.exists() else {}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from crosscoders.errors import CrosscodersError
-from crosscoders.io import atomic_write_text
+from crosscoders.io import write_json
 
 STAGE_DIR = "stages"
 DISCARDED = ".discarded"  # suffix of a stage's old output while it is being deleted
@@ -187,4 +187,4 @@ def _check_own(name: str, directory: Path, record: dict[str, Any]) -> None:
 
 
 def _write(path: Path, record: dict) -> None:
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    write_json(path, record, default=str)

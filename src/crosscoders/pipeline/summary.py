@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crosscoders.diff.schema import (
+    CATEGORY,
+    DIFF_SCORE,
+    FREQ,
+    LATENT,
+    REL_NORM,
+    REL_NORM_Q,
+    REL_NORM_Z,
+    Files,
+    Summary,
+)
+from crosscoders.io import read_json
 from crosscoders.layers.study import fvu_text
 from crosscoders.pipeline.run import PipelineResult
 
@@ -20,23 +31,16 @@ def top_chat_leaning(diff_dir: Path, token_strings: Callable[[list[int]], list[s
                      n: int = 5) -> list[dict[str, Any]]:
     """The ``n`` firing latents with the highest relative norm (most chat-specific), with
     their category and the tokens they fire most strongly on."""
-    import pandas as pd
-
-    path = diff_dir / "latents.parquet"
-    if not path.exists():
+    df = _latent_table(diff_dir)
+    if df is None:
         return []
-    df = pd.read_parquet(path)
-    if "freq" in df:
-        df = df[df["freq"] > 0]
-    rows = df.sort_values("rel_norm", ascending=False).head(n)
-    examples = diff_dir / "examples.db"
+    if FREQ in df:
+        df = df[df[FREQ] > 0]
     out = []
-    for r in rows.itertuples():
-        ids = top_token_ids(examples, int(r.latent)) if examples.exists() else []
-        tokens = token_strings(ids) if token_strings and ids else [str(i) for i in ids]
-        out.append({"latent": int(r.latent), "rel_norm": float(r.rel_norm),
-                    "category": r.category, "freq": float(getattr(r, "freq", float("nan"))),
-                    "top_tokens": tokens})
+    for r in df.sort_values(REL_NORM, ascending=False).head(n).to_dict("records"):
+        out.append({"latent": int(r[LATENT]), "rel_norm": float(r[REL_NORM]),
+                    "category": r[CATEGORY], "freq": float(r.get(FREQ, float("nan"))),
+                    "top_tokens": _top_tokens(diff_dir, int(r[LATENT]), token_strings)})
     return out
 
 
@@ -45,24 +49,34 @@ def top_leaning(diff_dir: Path, token_strings: Callable[[list[int]], list[str]] 
     """The ``n`` latents labelled ``{side}_leaning`` with the highest diffing score (their
     relative norm lies farthest beyond the null), with the tokens they fire most strongly
     on; empty for a table without the graded view."""
+    df = _latent_table(diff_dir)
+    if df is None or DIFF_SCORE not in df:
+        return []
+    rows = df[df[CATEGORY] == f"{side}_leaning"].sort_values(DIFF_SCORE, ascending=False)
+    out = []
+    for r in rows.head(n).to_dict("records"):
+        out.append({"latent": int(r[LATENT]), "rel_norm": float(r[REL_NORM]),
+                    "z": float(r[REL_NORM_Z]), "q": float(r[REL_NORM_Q]),
+                    "freq": float(r.get(FREQ, float("nan"))),
+                    "top_tokens": _top_tokens(diff_dir, int(r[LATENT]), token_strings)})
+    return out
+
+
+def _latent_table(diff_dir: Path) -> Any:
+    """The diff's latent table (a DataFrame), or None where the diff wrote none."""
     import pandas as pd
 
-    path = diff_dir / "latents.parquet"
-    if not path.exists():
-        return []
-    df = pd.read_parquet(path)
-    if "diff_score" not in df:
-        return []
-    rows = df[df["category"] == f"{side}_leaning"].sort_values("diff_score", ascending=False)
-    examples = diff_dir / "examples.db"
-    out = []
-    for r in rows.head(n).itertuples():
-        ids = top_token_ids(examples, int(r.latent)) if examples.exists() else []
-        tokens = token_strings(ids) if token_strings and ids else [str(i) for i in ids]
-        out.append({"latent": int(r.latent), "rel_norm": float(r.rel_norm),
-                    "z": float(r.rel_norm_z), "q": float(r.rel_norm_q),
-                    "freq": float(getattr(r, "freq", float("nan"))), "top_tokens": tokens})
-    return out
+    path = diff_dir / Files.LATENTS_PARQUET
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _top_tokens(diff_dir: Path, latent: int,
+                token_strings: Callable[[list[int]], list[str]] | None) -> list[str]:
+    """:func:`top_token_ids` as strings (ids as text without a tokenizer); none without
+    examples."""
+    examples = diff_dir / Files.EXAMPLES
+    ids = top_token_ids(examples, latent) if examples.exists() else []
+    return token_strings(ids) if token_strings and ids else [str(i) for i in ids]
 
 
 def top_token_ids(examples_db: Path, latent: int, n: int = 5) -> list[int]:
@@ -96,27 +110,27 @@ def format_summary(result: PipelineResult,
     """Counts per category, FVU per model, L0, dead fraction, the leaning calls, the most
     chat-specific and the most chat- and base-leaning latents with their top tokens, and
     where the report is."""
-    summary_path = result.diff_dir / "summary.json"
+    summary_path = result.diff_dir / Files.SUMMARY
     lines = [f"experiment: {result.out}"]
     for name, outcome in result.stages.items():
         lines.append(f"  {name:9s} {outcome.status:8s} {outcome.directory}")
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        counts = summary.get("counts", {})
+        summary = read_json(summary_path)
+        counts = summary.get(Summary.COUNTS, {})
         lines.append("latents: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-        if "alive_counts" in summary:
+        if Summary.ALIVE_COUNTS in summary:
             lines.append("  firing: " + ", ".join(
-                f"{k} {v}" for k, v in summary["alive_counts"].items()))
-        fvu = summary.get("fvu", {})
+                f"{k} {v}" for k, v in summary[Summary.ALIVE_COUNTS].items()))
+        fvu = summary.get(Summary.FVU, {})
         if fvu:
             lines.append("FVU: " + ", ".join(f"{k} {_fmt(v)}" for k, v in fvu.items()))
-        for key, label in (("l0", "L0"), ("dead_fraction", "dead fraction")):
+        for key, label in ((Summary.L0, "L0"), (Summary.DEAD_FRACTION, "dead fraction")):
             if key in summary:
                 lines.append(f"{label}: {_fmt(summary[key])}")
-        ls = summary.get("latent_scaling") or {}
+        ls = summary.get(Summary.LATENT_SCALING) or {}
         if "n_truly_chat_only" in ls:
             lines.append(f"truly chat-only (Latent Scaling): {ls['n_truly_chat_only']}")
-        graded = summary.get("graded") or {}
+        graded = summary.get(Summary.GRADED) or {}
         if graded:
             lines.append(_graded_line(graded))
     top = top_chat_leaning(result.diff_dir, token_strings)
@@ -137,7 +151,7 @@ def format_summary(result: PipelineResult,
                              f"fires on: {toks}")
     layers_summary = result.layers_dir / "summary.json"
     if "layers" in result.stages and layers_summary.exists():
-        s = json.loads(layers_summary.read_text())
+        s = read_json(layers_summary)
         spans = ", ".join(f"{k}: {v}" for k, v in s["span_counts"].items())
         lines.append(f"layer profiles: {s['n_counted']} of {s['n_latents']} latents counted "
                      f"({s['counted']})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from crosscoders.diff.schema import Files
 from crosscoders.report.layers import build_layers_report, is_layers_dir
 from crosscoders.report.load import load_report_data
 from crosscoders.report.render import render_report
@@ -31,5 +32,5 @@ def build_report(
                                    token_strings=token_strings)
     data = load_report_data(diff_dir, run_dir, title, max_examples=max_examples,
                             token_strings=token_strings)
-    return render_report(data, Path(diff_dir) / "report.html" if out is None else out,
+    return render_report(data, Path(diff_dir) / Files.REPORT if out is None else out,
                          max_examples=max_examples)

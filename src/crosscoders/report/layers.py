@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from crosscoders.errors import CrosscodersError, DataError
-from crosscoders.io import atomic_write_text, read_json, unreadable
+from crosscoders.io import atomic_write_text, read_json, read_table, unreadable
 from crosscoders.layers.examples import layer_of_kind
 from crosscoders.layers.study import LAYER_TABLE_FILES, LayerFiles, LayerSummary, check_comparison
 from crosscoders.report.data import Example, ReportData, clean_json
@@ -111,18 +111,12 @@ def load_layers_data(
 ) -> LayersReportData:
     """Everything the layers report shows, from ``layers_dir`` and the training run (given,
     or the one the summary records)."""
-    import pandas as pd
-
     layers_dir = Path(layers_dir)
     found = next((layers_dir / f for f in LAYER_TABLE_FILES if (layers_dir / f).exists()), None)
     if found is None:
         raise CrosscodersError(f"{layers_dir} has no layer table ({' or '.join(LAYER_TABLE_FILES)})"
                                "; run `crosscoders layers` first or pass its output directory")
-    read = pd.read_parquet if found.suffix == ".parquet" else pd.read_csv
-    try:
-        table = read(found)
-    except (ValueError, OSError) as err:
-        raise unreadable(found, f"a {found.suffix.lstrip('.')} table", err, _FIX) from None
+    table = read_table(found, _FIX)
     summary_path = layers_dir / LayerFiles.SUMMARY
     summary = read_json(summary_path, _FIX) if summary_path.exists() else {}
     data = LayersReportData(table, summary)

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from crosscoders.diff.schema import LATENT_FILES, Files, Lens, Similarity, Summary, check_table
+from crosscoders.diff.schema import RERUN_FIX, Files, Lens, Similarity, Summary, read_latent_table
 from crosscoders.errors import CrosscodersError
 from crosscoders.interp.results import merge_explanations
-from crosscoders.io import read_json, unreadable
+from crosscoders.io import read_json, read_table, unreadable
 from crosscoders.report.data import Example, ReportData
 
 #: examples as ``crosscoders diff`` writes them, else from a table of the user's
@@ -68,10 +68,8 @@ def load_report_data(
     found = _first(diff_dir, EXAMPLE_FILES)
     if found is not None:
         if found.suffix == ".parquet":
-            import pandas as pd
-
-            data.examples = examples_from_frame(_read_table(found, pd.read_parquet),
-                                                max_examples, token_strings)
+            data.examples = examples_from_frame(read_table(found, RERUN_FIX), max_examples,
+                                                token_strings)
         else:
             data.examples = examples_from_sqlite(found, max_examples, token_strings)
     data.similarity = similarity_adapter(_read_json(diff_dir / Files.SIMILARITY)
@@ -94,22 +92,6 @@ def load_report_data(
         data.config = _read_json(run / "run.json") or _read_json(run / "config.json") or {}
     data.title = title or _default_title(diff_dir, run)
     return data
-
-
-def read_latent_table(diff_dir: Path) -> Any:
-    """The latent table as a DataFrame (Parquet preferred, CSV otherwise), checked against
-    the schema: the required columns present, numeric columns numeric."""
-    import pandas as pd
-
-    found = _first(diff_dir, LATENT_FILES)
-    if found is None:
-        raise CrosscodersError(
-            f"{diff_dir} has no latent table ({' or '.join(LATENT_FILES)}); run "
-            "`crosscoders diff` first or pass its output directory"
-        )
-    df = _read_table(found, pd.read_parquet if found.suffix == ".parquet" else pd.read_csv)
-    check_table(df, found)
-    return df
 
 
 def find_run_dir(diff_dir: Path, summary: Mapping[str, Any]) -> Path | None:
@@ -189,7 +171,7 @@ def examples_from_sqlite(
             "ORDER BY latent, kind = 'sample', rank"
         ).fetchall()
     except sqlite3.DatabaseError as err:
-        raise unreadable(path, "an examples database", err, _RERUN) from None
+        raise unreadable(path, "an examples database", err, RERUN_FIX) from None
     finally:
         con.close()
     out: dict[int, list[Example]] = {}
@@ -315,18 +297,6 @@ def _read_json(path: Path | None) -> Any:
     if path is None or not path.exists():
         return None
     return read_json(path, "re-run the step that wrote it")
-
-
-#: the fix for a damaged output of the diff step
-_RERUN = "the file is damaged: re-run `crosscoders diff` into a new directory"
-
-
-def _read_table(path: Path, read: Callable[[Path], Any]) -> Any:
-    """A Parquet/CSV table; a damaged one raises DataError naming the file."""
-    try:
-        return read(path)
-    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise unreadable(path, f"a {path.suffix.lstrip('.')} table", err, _RERUN) from None
 
 
 def _default_title(diff_dir: Path, run: Path | None) -> str:

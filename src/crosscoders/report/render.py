@@ -47,6 +47,7 @@ from crosscoders.diff.schema import (
     NU_R,
     REL_NORM,
     TRULY_CHAT_ONLY,
+    Files,
 )
 from crosscoders.io import atomic_write_text
 from crosscoders.report.data import Example, ReportData, clean_json, round_sig
@@ -91,7 +92,7 @@ def render_report(
     """
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
-        out = out / "report.html"
+        out = out / Files.REPORT
     payload, chunks = build_payload(
         data, max_examples=max_examples, context=context, chunk_size=chunk_size,
         n_preview=n_preview,

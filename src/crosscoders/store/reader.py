@@ -4,7 +4,6 @@ shuffled batches and the analysis's rows, tokens and context windows)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -19,6 +18,7 @@ import torch
 from crosscoders.data.checks import find_nonfinite
 from crosscoders.data.shard import shard_rows
 from crosscoders.errors import DataError
+from crosscoders.io import read_json
 from crosscoders.store import format as fmt
 from crosscoders.store.shuffle import ShufflePlan, Window
 
@@ -103,7 +103,7 @@ class ActivationStore:
         manifest_path = root / fmt.MANIFEST
         if not manifest_path.exists():
             if (root / fmt.PROGRESS).exists():
-                progress = json.loads((root / fmt.PROGRESS).read_text())
+                progress = read_json(root / fmt.PROGRESS, fix="re-harvest the store")
                 raise DataError(
                     f"activation store {root} is incomplete: the harvest stopped after "
                     f"{len(progress.get('shards', []))} shard(s); run the same harvest command "
@@ -111,10 +111,7 @@ class ActivationStore:
                 )
             what = "does not exist" if not root.exists() else "has no manifest.json"
             raise DataError(f"{root} is not an activation store ({what}); harvest one first")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{manifest_path} is corrupt ({err}); re-harvest the store") from None
+        manifest = read_json(manifest_path, fix="re-harvest the store")
         if manifest.get("format") != fmt.FORMAT_NAME:
             raise DataError(f"{manifest_path} is not a {fmt.FORMAT_NAME} manifest")
         if manifest.get("version", 0) > fmt.FORMAT_VERSION:
@@ -327,14 +324,18 @@ class ActivationStore:
         index = np.asarray(index, dtype=np.int64)
         out = np.empty((index.size, self.n_sources, self.d_model), fmt.storage_dtype(self.dtype))
         order = np.argsort(index, kind="stable")
-        sorted_index = index[order]
-        shard_of = np.searchsorted(self._offsets, sorted_index, side="right") - 1
+        for sel, shard, local in self._by_shard(index[order]):
+            for s in range(self.n_sources):
+                out[order[sel], s] = self._shard_acts(shard, s)[local]
+        return fmt.to_float32(out, self.dtype)
+
+    def _by_shard(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
+        """For each shard that ascending store ``rows`` fall in: their positions in ``rows``,
+        the shard, and the rows within it."""
+        shard_of = np.searchsorted(self._offsets, rows, side="right") - 1
         for shard in np.unique(shard_of):
             sel = np.nonzero(shard_of == shard)[0]
-            local = sorted_index[sel] - self._offsets[shard]
-            for s in range(self.n_sources):
-                out[order[sel], s] = self._shard_acts(int(shard), s)[local]
-        return fmt.to_float32(out, self.dtype)
+            yield sel, int(shard), rows[sel] - self._offsets[shard]
 
     # -- tokens and provenance -----------------------------------------------------------------
     def _shard_records(self, position: int) -> np.ndarray:
@@ -532,12 +533,9 @@ class ActivationStore:
         which = np.searchsorted(firsts, rows, side="right") - 1
         store_rows = starts[which] + rows - firsts[which]  # ascending, as ranges are
         buf = self._window_buffer(out, rows.size)
-        shard_of = np.searchsorted(self._offsets, store_rows, side="right") - 1
-        for shard in np.unique(shard_of):
-            sel = np.nonzero(shard_of == shard)[0]
-            local = store_rows[sel] - self._offsets[shard]
+        for sel, shard, local in self._by_shard(store_rows):
             for s in range(self.n_sources):
-                buf[s, sel] = self._shard_acts(int(shard), s)[local]
+                buf[s, sel] = self._shard_acts(shard, s)[local]
         return buf
 
     def _window_part(self, window: Window, offset: int, batch_size: int,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from crosscoders.errors import ConfigError, CrosscodersError
-from crosscoders.io import atomic_write, atomic_write_text
+from crosscoders.io import atomic_write, read_json, write_json
 from crosscoders.store import format as fmt
 
 
@@ -167,9 +167,9 @@ class StoreWriter:
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"store path {self.root} is a file; give a directory for --out")
         if progress_path.exists():
-            self.progress = json.loads(progress_path.read_text())
+            self.progress = read_json(progress_path, fix="harvest into a new directory")
         elif self.complete:
-            self.progress = json.loads((self.root / fmt.MANIFEST).read_text())
+            self.progress = read_json(self.root / fmt.MANIFEST, fix="harvest into a new directory")
         elif self.root.exists() and any(self.root.iterdir()):
             raise ConfigError(
                 f"{self.root} is not empty and holds no activation store; "
@@ -320,7 +320,7 @@ class StoreWriter:
             "shards": shards,
         }
         try:
-            atomic_write_text(self.root / fmt.MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            write_json(self.root / fmt.MANIFEST, manifest, indent=1)
         except OSError as err:
             _raise_if_disk_full(err, f"the manifest of {self.root}")
             raise
@@ -402,7 +402,7 @@ class StoreWriter:
             raise
 
     def _save_progress(self) -> None:
-        atomic_write_text(self.root / fmt.PROGRESS, json.dumps(self.progress) + "\n")
+        write_json(self.root / fmt.PROGRESS, self.progress, indent=None)
 
     def _clean_temp_files(self) -> None:
         """Remove half-written files left by a killed process (atomic_write's temp names)."""

@@ -188,10 +188,11 @@ class SparseStep:
                 and model.dict_size % SCREEN_BLOCK == 0
                 and not torch.is_autocast_enabled(x_BSD.device.type))
 
-    def _select(self, model: Crosscoder, x_BX: Tensor, w_F: Tensor, knobs: StepKnobs
+    def select(self, model: Crosscoder, x_BX: Tensor, w_F: Tensor, knobs: StepKnobs
                 ) -> tuple[SparseCodes, Tensor, Tensor | None]:
-        """(the kept entries with their pre-activations, their weighted scores, [B, F]
-        scores or None)."""
+        """The latents a flattened batch ``x_BX`` keeps: (the kept entries with their
+        pre-activations, their weighted scores, the [B, F] scores or None when screened).
+        The step's first stage; benchmarks time it alone."""
         act = model.activation
         k = knobs.k or act.k
         B, X = x_BX.shape
@@ -240,7 +241,7 @@ class SparseStep:
         x_BX = x_BSD.reshape(B, S * D)
         with torch.no_grad():
             w_F = model.decoder_norm_weights()
-            codes, kept_scores_E, scores_BF = self._select(model, x_BX, w_F, knobs)
+            codes, kept_scores_E, scores_BF = self.select(model, x_BX, w_F, knobs)
         codes.workspace = self.workspace  # the weight gradients go to reused buffers
         pre_E = codes.value_E
         values_E = torch.relu(gather_preacts(pre_E, x_BX, model.W_enc_FSD, model.b_enc, codes))
@@ -263,7 +264,8 @@ class SparseStep:
         l0 = float((values_E.detach() > 0).sum()) / B
         return LossTerms(total, recon, zero, auxk, xhat_BSD.detach(), fired_F, l0, min_kept)
 
-    def _auxk(self, model, x_BX, xhat_BX, scores_BF, w_F, dead_F, knobs) -> Tensor:
+    def _auxk(self, model: Crosscoder, x_BX: Tensor, xhat_BX: Tensor, scores_BF: Tensor | None,
+              w_F: Tensor, dead_F: Tensor, knobs: StepKnobs) -> Tensor:
         B = x_BX.shape[0]
         k_aux = min(knobs.auxk_k, int(dead_F.sum()))
         with torch.no_grad():

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from crosscoders.errors import ConfigError, CrosscodersError
-from crosscoders.io import atomic_write_text, brief, read_json
+from crosscoders.io import atomic_write_text, brief, read_json, write_json
 
 if TYPE_CHECKING:
     from crosscoders.model import Crosscoder
@@ -318,8 +318,7 @@ def _tracking_state(run_dir: Path | None) -> dict[str, Any]:
 def _save_tracking_state(run_dir: Path, changes: dict[str, Any]) -> None:
     state = _tracking_state(run_dir)
     if {**state, **changes} != state:
-        atomic_write_text(run_dir / TRACKING_FILE, json.dumps({**state, **changes}, indent=2)
-                          + "\n")
+        write_json(run_dir / TRACKING_FILE, {**state, **changes})
 
 
 # ------------------------------------------------------------------------------ TensorBoard

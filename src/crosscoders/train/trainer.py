@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crosscoders.data import (
+    ActivationData,
     ActivationSource,
     as_source,
     find_nonfinite,
@@ -34,7 +35,7 @@ from crosscoders.data import (
     sharded_batches,
 )
 from crosscoders.errors import CrosscodersError, DataError, TrainingDiverged
-from crosscoders.io import atomic_write, atomic_write_text, read_json
+from crosscoders.io import atomic_write, read_json, write_json
 from crosscoders.metrics import ReconstructionMetrics
 from crosscoders.model import Crosscoder, CrosscoderConfig
 from crosscoders.model.activations import BatchTopK
@@ -59,7 +60,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def train(
     config_or_model: CrosscoderConfig | Crosscoder,
-    data,
+    data: ActivationData,
     train_config: TrainConfig | None = None,
     run_dir: str | Path | None = None,
 ) -> Crosscoder:
@@ -177,7 +178,7 @@ class Trainer:
     def run(self) -> Crosscoder:
         resumed = self._open_run_dir()
         if not resumed:
-            self._init_from_data()
+            self.init_from_data()
         if self.dp is not None:  # every rank starts from rank 0's weights, bit for bit
             self.dp.broadcast_([*self.model.state_dict().values(), self.scale_S])
         start_step = self.step if resumed else -1
@@ -207,7 +208,7 @@ class Trainer:
         while self.step < c.steps:
             x_BSD = next(batches)
             x_BSD = x_BSD * self.scale_S.to(x_BSD.dtype)[:, None]
-            terms = self._train_step(x_BSD)
+            terms = self.train_step(x_BSD)
             self.step += 1
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == c.steps:
@@ -223,13 +224,14 @@ class Trainer:
             self._save_checkpoint()
         return self._finish()
 
-    def _train_step(self, x_BSD: Tensor) -> LossTerms:
-        """One optimizer step on a normalised batch."""
+    def train_step(self, x_BSD: Tensor) -> LossTerms:
+        """One optimizer step on a normalised batch [B, S, D] (``run`` calls it per batch;
+        benchmarks time it alone, after :meth:`init_from_data`)."""
         knobs = self.knobs_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         use_sparse = self.is_topk and self.config.sparse_kernels
-        with self._autocast():
+        with self.autocast():
             if use_sparse:
                 terms = self.sparse_step(self.model, x_BSD, knobs)
             else:
@@ -252,7 +254,7 @@ class Trainer:
             fired_F = fired > 0  # fired on any rank: the same dead counters everywhere
         self.model.constrain_grads()
         if self.config.grad_clip:
-            self._clip_gradients(self.config.grad_clip)
+            self.clip_gradients(self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.grad_scale = None
         B = x_BSD.shape[0] * self.world_size
@@ -315,7 +317,7 @@ class Trainer:
         return float(largest)
 
     @torch.no_grad()
-    def _clip_gradients(self, max_norm: float) -> None:
+    def clip_gradients(self, max_norm: float) -> None:
         """Scale gradients to norm ``max_norm`` when above it (as ``clip_grad_norm_``).
 
         With fused Adam the scale is handed to the optimizer kernel (``grad_scale``, the
@@ -332,12 +334,15 @@ class Trainer:
         else:
             torch._foreach_mul_(grads, max_norm / (total + 1e-6))
 
-    def _autocast(self):
+    def autocast(self) -> torch.autocast:
+        """The precision context of a step (bf16 autocast when ``config.autocast`` asks)."""
         enabled = self.config.autocast == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ----------------------------------------------------------------- set-up
-    def _init_from_data(self) -> None:
+    def init_from_data(self) -> None:
+        """Set the normalisation scale from the data (unless given) and, if configured,
+        ``b_dec`` from the data's mean; what a fresh run does before its first step."""
         c = self.config
         sample = None
         if c.normalise and self.scale_S is None:
@@ -409,7 +414,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if saved is None:
                 saved = {**identity, "distributed": self.distributed}
-                atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
+                write_json(run_file, saved)
             _remove_stale_temporaries(self.run_dir)
         if self.dp is not None:
             self.dp.barrier("waiting for rank 0 to open the run directory")
@@ -451,7 +456,7 @@ class Trainer:
             saved["distributed"] = {**now, "history": history + [{"step": self.step, **now}]}
             changed = True
         if changed:
-            atomic_write_text(run_file, json.dumps(saved, indent=2) + "\n")
+            write_json(run_file, saved)
         if _setup(previous) != _setup(now):
             print(self._resume_note(previous), file=sys.stderr)
 
