@@ -372,3 +372,10 @@ def test_written_files_follow_the_umask(world, tmp_path, capsys, umask, mode):
     _same_model(tmp_path / "cc", world["model"])
     assert set(load_file(str(tmp_path / "cc" / "model.safetensors"))) >= {"W_enc", "W_dec"}
     assert json.loads((tmp_path / "diff" / "summary.json").read_text())["counts"]
+
+
+def test_diff_of_a_missing_run_names_the_path(world, capsys):
+    root = world["root"]
+    _fails(capsys, ["diff", str(root / "no_such_run"), "--out", str(root / "diff_missing")],
+           "no crosscoder directory at", "no_such_run")
+    assert not (root / "diff_missing").exists()

@@ -83,6 +83,11 @@ def default_store(run_dir: str) -> str:
         data = meta.get("metadata", {}).get("data", {}) if isinstance(meta, dict) else {}
         if data.get("kind") == "activation_store" and Path(data.get("path", "")).is_dir():
             return data["path"]
+    if not Path(run_dir).exists():
+        raise ConfigError(
+            f"no crosscoder directory at {run_dir}; check the path (a directory written by "
+            "`crosscoders train`), or pass --store STORE_DIR for a Hub id"
+        )
     raise ConfigError(
         f"no --store given and {run_dir} does not record a store it was trained on; pass "
         "--store STORE_DIR"
