@@ -2,36 +2,16 @@
 // Usage: node check_layers_report.mjs REPORT.html OUT_DIR
 // The Python test (tests/test_report_browser.py) makes the assertions; this script only
 // acts and measures. Any request that is not file:// or data: is recorded as "network".
-import { chromium } from "playwright-core";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 
-const [reportPath, outDir] = process.argv.slice(2);
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const profile = mkdtempSync(join(tmpdir(), "cc-layers-chromium-"));
-const result = { console: [], pageErrors: [], network: [], screenshots: [] };
+import { newResult, watchedPage, withBrowser } from "./harness.mjs";
 
-const browser = await chromium.launchPersistentContext(profile, {
-  executablePath,
-  headless: true,
-  viewport: { width: 1440, height: 900 },
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-try {
-  const page = await browser.newPage();
-  page.on("console", (msg) => {
-    if (msg.type() === "error" || msg.type() === "warning") {
-      result.console.push(`${msg.type()}: ${msg.text()}`);
-    }
-  });
-  page.on("pageerror", (err) => result.pageErrors.push(String(err)));
-  page.on("request", (req) => {
-    const url = req.url();
-    if (!url.startsWith("file:") && !url.startsWith("data:")) result.network.push(url);
-  });
+const [reportPath, outDir] = process.argv.slice(2);
+const result = newResult();
+
+await withBrowser("cc-layers-chromium-", async (browser) => {
+  const page = await watchedPage(browser, result);
   await page.goto(pathToFileURL(resolve(reportPath)).href, { waitUntil: "load" });
   await page.waitForFunction(() => window.__report && window.__report.ready, null,
     { timeout: 60000 });
@@ -111,8 +91,5 @@ try {
   result.screenshots.push(join(outDir, "layers-card.png"));
   await page.screenshot({ path: join(outDir, "layers-full.png"), fullPage: true });
   result.screenshots.push(join(outDir, "layers-full.png"));
-} finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
-}
+});
 console.log(JSON.stringify(result));

@@ -2,38 +2,17 @@
 // Usage: node check_report.mjs REPORT.html OUT_DIR [--interact]
 // The Python test (tests/test_report_browser.py) makes the assertions; this script only
 // acts and measures. Any request that is not file:// or data: is recorded as "network".
-import { chromium } from "playwright-core";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 
+import { newResult, watchedPage, withBrowser } from "./harness.mjs";
+
 const [reportPath, outDir, ...flags] = process.argv.slice(2);
 const interact = flags.includes("--interact");
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const profile = mkdtempSync(join(tmpdir(), "cc-report-chromium-"));
-const result = { console: [], pageErrors: [], network: [], screenshots: [] };
+const result = newResult();
 
-// A fresh profile directory per run (playwright passes it as --user-data-dir).
-const browser = await chromium.launchPersistentContext(profile, {
-  executablePath,
-  headless: true,
-  viewport: { width: 1440, height: 900 },
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
-try {
-  let page = await browser.newPage();
-  page.on("console", (msg) => {
-    if (msg.type() === "error" || msg.type() === "warning") {
-      result.console.push(`${msg.type()}: ${msg.text()}`);
-    }
-  });
-  page.on("pageerror", (err) => result.pageErrors.push(String(err)));
-  page.on("request", (req) => {
-    const url = req.url();
-    if (!url.startsWith("file:") && !url.startsWith("data:")) result.network.push(url);
-  });
+await withBrowser("cc-report-chromium-", async (browser) => {
+  let page = await watchedPage(browser, result);
 
   const url = pathToFileURL(resolve(reportPath)).href;
   const t0 = Date.now();
@@ -170,8 +149,5 @@ try {
     await page.screenshot({ path: join(outDir, "report-full.png"), fullPage: true });
     result.screenshots.push(join(outDir, "report-full.png"));
   }
-} finally {
-  await browser.close();
-  rmSync(profile, { recursive: true, force: true });
-}
+});
 console.log(JSON.stringify(result));
