@@ -125,9 +125,7 @@ def analysis_pass(
     """
     source = as_source(data)
     check_model_data(model, source)
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    stop = ordered_stop(source, stop)
+    stop = ordered_stop(source, stop)  # ordered_batches checks batch_size
     if stop is not None and stop <= start:
         raise DataError(f"no rows to analyse in [{start}, {stop}); the data has "
                         f"{source.n_tokens}")
