@@ -396,6 +396,22 @@ def test_cli_tensorboard_flag_writes_event_files(tmp_path, capsys):
     assert _jsonl_steps(tmp_path / "run")[-1] == 6  # jsonl stays on beside it
 
 
+def test_tensorboard_dir_that_is_a_file_is_refused_before_writing(tmp_path, capsys):
+    import torch
+
+    pytest.importorskip("tensorboard")
+    acts, _ = planted_acts(n=512)
+    torch.save(acts, tmp_path / "acts.pt")
+    (tmp_path / "afile").write_text("mine")
+    code = cli_main(["train", "--data", str(tmp_path / "acts.pt"), "--out",
+                     str(tmp_path / "run"), "--tensorboard", str(tmp_path / "afile"),
+                     "--steps", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "afile" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_tensorboard_without_a_directory_is_refused(tmp_path):
     pytest.importorskip("tensorboard")
     acts, _ = planted_acts(n=512)

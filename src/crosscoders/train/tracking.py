@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from crosscoders.errors import ConfigError, CrosscodersError
-from crosscoders.io import atomic_write_text, brief, read_json, write_json
+from crosscoders.io import atomic_write_text, brief, check_dir_path, read_json, write_json
 
 if TYPE_CHECKING:
     from crosscoders.model import Crosscoder
@@ -108,6 +108,8 @@ def check_loggers(config: TrainConfig, run_dir: str | Path | None) -> None:
         )
     if "tensorboard" in names:
         _require_summary_writer()
+        if config.tensorboard_dir is not None:
+            check_dir_path(config.tensorboard_dir, "tensorboard_dir (--tensorboard)")
 
 
 def _require_summary_writer() -> Any:
